@@ -1,0 +1,47 @@
+"""Benchmarks. Each prints its figures as one JSON line on stdout (progress goes to stderr).
+
+Speed and memory targets are checked here, never in timed unit tests. docs/BENCHMARKS.md
+records every figure with its date, machine and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+# name -> (module providing add_arguments(parser) and bench(args) -> dict, help)
+BENCHES: dict[str, tuple[str, str]] = {
+    "model": ("fers_dist.model.bench", "parameters, counted MACs/image, forward+backward images/s"),
+    "prepare": ("fers_dist.data.bench", "Ray Data prepare pipeline vs a single-process loop"),
+    "train": ("fers_dist.train.bench", "full-objective training step: images/s, peak memory, MFU"),
+    "cv": ("fers_dist.dist.bench", "a small CV grid through Ray vs serially in plain PyTorch"),
+    "tune": ("fers_dist.dist.bench_tune", "Ray Tune + Optuna vs plain Optuna; ASHA savings"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, (module_name, help_) in BENCHES.items():
+        p = sub.add_parser(name, help=help_, description=help_,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        try:
+            importlib.import_module(module_name).add_arguments(p)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+
+
+def run(args: argparse.Namespace) -> int:
+    module_name, _ = BENCHES[args.bench]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            print(f"fers bench {args.bench}: not yet implemented", file=sys.stderr)
+            return 2
+        raise
+    result = module.bench(args)
+    print(json.dumps(result, sort_keys=False), flush=True)
+    return 0
