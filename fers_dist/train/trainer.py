@@ -1,0 +1,193 @@
+"""The training loop: the full FERSNet objective (eq. 10) or, for FES-DA fine-tuning, L_cls alone.
+
+No framework magic: one generator optimiser over FERSNet (eq. 10 is one loss over the whole network), one
+over the conditional discriminator, alternating D and G steps. Data and augmentation stay on the device;
+losses are accumulated as tensors and read back once per ``log_every`` steps and at the end of an epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fers_dist.config import Config
+from fers_dist.data.loader import FaceSet, TargetSampler, apply_augmentation, sample_augmentation
+from fers_dist.model import build_model
+from fers_dist.model.discriminator import PatchDiscriminator
+from fers_dist.model.losses import cls_loss, cyc_loss, gan_loss, idt_loss, lambda_idt, rec_loss, total_loss
+from fers_dist.train.checkpoint import load_checkpoint, save_checkpoint
+from fers_dist.train.evaluate import accuracy, autocast
+from fers_dist.train.identity import build_identity
+from fers_dist.train.schedule import make_scheduler
+
+Report = Callable[[dict, "str | None"], None]
+
+
+class Trainer:
+    """Trains ``model`` on ``train`` (a FaceSet already on the device) for one fold.
+
+    ``objective="full"``: L = L_cls + λ1 L_GAN + λ2 L_rec + λ3 L_cyc + λ4 L_idt (eq. 10), for variants
+    with a synthesis branch; variants without one (no_mtl) train L_cls alone.
+    ``objective="cls"``: L_cls only (FES-DA fine-tuning of the recogniser).
+    """
+
+    def __init__(self, cfg: Config, train: FaceSet, generator: torch.Generator, *, model=None,
+                 objective: str = "full", epochs: int | None = None, lr: float | None = None,
+                 log: Callable[[str], None] = print):
+        self.cfg, self.train_set, self.g, self.log = cfg, train, generator, log
+        self.device = train.images.device
+        self.E = train.num_classes
+        self.epochs = epochs or cfg.train.epochs
+        self.model = model if model is not None else build_model(cfg.model, self.E).to(self.device)
+        self.full = objective == "full" and getattr(self.model, "has_fes", False)
+        self.amp = cfg.train.amp and self.device.type == "cuda"
+        if self.device.type == "cuda" and cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        opt_kw = dict(betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
+        sched = cfg.schedule if lr is None else cfg.schedule.model_copy(update={"lr_start": lr, "lr_end": lr})
+        self.opt_g = torch.optim.Adam(self.model.parameters(), lr=sched.lr_start, **opt_kw)
+        self.sched_g = make_scheduler(self.opt_g, self.epochs, sched)
+        self.D = self.opt_d = self.sched_d = self.identity = None
+        if self.full:
+            self.sampler = TargetSampler(train.labels, train.subjects, self.E)
+            if cfg.loss.lam_adv > 0:
+                self.D = PatchDiscriminator(cfg.model, self.E).to(self.device)
+                self.opt_d = torch.optim.Adam(self.D.parameters(), lr=sched.lr_start, **opt_kw)
+                self.sched_d = make_scheduler(self.opt_d, self.epochs, sched)
+            self.identity = build_identity(cfg, train, generator, log)
+        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.history: list[dict] = []
+
+    # -- state ---------------------------------------------------------------------------------
+    def modules(self) -> dict:
+        return {"model": self.model, "D": self.D, "opt_g": self.opt_g, "opt_d": self.opt_d,
+                "sched_g": self.sched_g, "sched_d": self.sched_d}
+
+    def lambdas(self, epoch: int) -> dict[str, float]:
+        lo = self.cfg.loss
+        lam_idt = lambda_idt(epoch, self.epochs, lo.lam_idt_start, lo.lam_idt_end) if self.identity else 0.0
+        return {"cls": 1.0, "adv": lo.lam_adv, "rec": lo.lam_rec, "cyc": lo.lam_cyc, "idt": lam_idt}
+
+    # -- one step ------------------------------------------------------------------------------
+    def step(self, idx: torch.Tensor, lam: dict[str, float], sums: dict[str, torch.Tensor]) -> None:
+        cfg, tr, crop = self.cfg, self.train_set, self.cfg.model.input_size
+        aff = sample_augmentation(idx.numel(), tr.images.shape[-1], crop, cfg.data.rotations,
+                                  cfg.data.mirror, self.g, self.device)
+        x, y = self._input(tr.images[idx], aff), tr.labels[idx]
+        if not self.full:
+            with autocast(self.device, self.amp):
+                logits = self.step_model(x).logits
+                loss = terms_total = cls_loss(logits.float(), y)
+            self._update(self.opt_g, loss)
+            self._accumulate(sums, {"cls": loss}, terms_total, logits, y)
+            return
+        y_t, t_idx = self.sampler.sample(idx, self.g)
+        x_t = self._input(tr.images[t_idx], aff)  # same crop/rotation/mirror as the source
+        onehot, onehot_t = F.one_hot(y, self.E).float(), F.one_hot(y_t, self.E).float()
+        with autocast(self.device, self.amp):
+            out = self.step_model(x, onehot_t)
+        fake = out.image
+        terms = {"cls": cls_loss(out.logits.float(), y)}  # eq. 5
+        if self.D is not None:
+            for _ in range(cfg.train.d_steps):
+                with autocast(self.device, self.amp):
+                    d_loss = 0.5 * (gan_loss(self.D(x, onehot).float(), True, cfg.loss.gan)
+                                    + gan_loss(self.D(fake.detach(), onehot_t).float(), False, cfg.loss.gan))
+                self._update(self.opt_d, d_loss)
+            sums["d_loss"] = sums.get("d_loss", 0) + d_loss.detach()
+            self.D.requires_grad_(False)
+            with autocast(self.device, self.amp):
+                terms["adv"] = gan_loss(self.D(fake, onehot_t).float(), True, cfg.loss.gan)  # eq. 6
+        with autocast(self.device, self.amp):
+            terms["rec"] = rec_loss(fake.float(), x_t)  # eq. 7
+            terms["cyc"] = cyc_loss(self.step_model(fake, onehot).image.float(), x)  # eq. 8
+            if self.identity is not None and lam["idt"] > 0:
+                terms["idt"] = idt_loss(self.identity(fake).float(), self.identity(x_t).float())  # eq. 9
+        loss = total_loss(terms, lam)  # eq. 10
+        self._update(self.opt_g, loss)
+        if self.D is not None:
+            self.D.requires_grad_(True)
+        self._accumulate(sums, terms, loss, out.logits, y)
+
+    def _input(self, images: torch.Tensor, aff: torch.Tensor) -> torch.Tensor:
+        x = apply_augmentation(images, aff, self.cfg.model.input_size)
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    @staticmethod
+    def _update(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    @staticmethod
+    def _accumulate(sums, terms, loss, logits, y) -> None:
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0) + v.detach()
+        sums["loss"] = sums.get("loss", 0) + loss.detach()
+        sums["correct"] = sums.get("correct", 0) + (logits.detach().argmax(1) == y).sum()
+
+    # -- epochs --------------------------------------------------------------------------------
+    def fit(self, checkpoint: str | Path | None = None, report: Report | None = None,
+            val: FaceSet | None = None, on_epoch_start: Callable[[int], None] | None = None) -> int:
+        """Train to ``self.epochs``, resuming from ``checkpoint`` if it exists. Returns epochs run."""
+        cfg, n = self.cfg, len(self.train_set)
+        start, best, waited = 0, -1.0, 0
+        if checkpoint and Path(checkpoint).exists():
+            state = load_checkpoint(checkpoint, modules=self.modules(), generator=self.g)
+            start, self.history = state["epoch"] + 1, state["history"]
+            best, waited = state["extra"].get("best", -1.0), state["extra"].get("waited", 0)
+            if state["extra"].get("stopped"):
+                return start
+            self.log(f"resumed from {checkpoint} at epoch {start}")
+        bs = min(cfg.train.batch_size, n)
+        self.model.train()
+        for epoch in range(start, self.epochs):
+            if on_epoch_start:
+                on_epoch_start(epoch)
+            t0, lam, sums = time.perf_counter(), self.lambdas(epoch), {}
+            perm = torch.randperm(n, generator=self.g, device=self.device)
+            n_steps = max(1, n // bs)  # full batches only (BatchNorm needs > 1 sample)
+            for s in range(n_steps):
+                self.step(perm[s * bs:(s + 1) * bs], lam, sums)
+                if cfg.train.log_every and (s + 1) % cfg.train.log_every == 0:
+                    self.log(f"epoch {epoch} step {s + 1}/{n_steps} loss {float(sums['loss']) / (s + 1):.4f}")
+            lr = self.opt_g.param_groups[0]["lr"]
+            for sch in (self.sched_g, self.sched_d):
+                if sch is not None:
+                    sch.step()
+            metrics = self._epoch_metrics(epoch, lr, lam, sums, n_steps * bs, n_steps, time.perf_counter() - t0)
+            stop = False
+            if val is not None and len(val):
+                metrics["val_accuracy"] = accuracy(self.model, val, cfg.model.input_size, self.amp)
+                if metrics["val_accuracy"] > best:
+                    best, waited = metrics["val_accuracy"], 0
+                else:
+                    waited += 1
+                stop = cfg.train.early_stopping_patience is not None and waited >= cfg.train.early_stopping_patience
+            self.history.append(metrics)
+            last = stop or epoch == self.epochs - 1
+            saved = None
+            if checkpoint and (last or (epoch + 1) % cfg.train.checkpoint_every == 0):
+                save_checkpoint(checkpoint, epoch=epoch, modules=self.modules(), generator=self.g,
+                                history=self.history, extra={"best": best, "waited": waited, "stopped": stop})
+                saved = str(checkpoint)
+            if report:
+                report(metrics, saved)
+            if stop:
+                self.log(f"early stop at epoch {epoch}: inner validation accuracy did not improve "
+                         f"for {waited} epochs")
+                return epoch + 1
+        return self.epochs
+
+    def _epoch_metrics(self, epoch, lr, lam, sums, n_images, n_steps, seconds) -> dict:
+        keys = [k for k in sums if k != "correct"]
+        values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]).tolist()
+        m = {"epoch": epoch, "lr": lr, "lam_idt": lam["idt"],
+             "train_accuracy": float(sums["correct"]) / n_images, "epoch_s": seconds,
+             "images_per_s": n_images / seconds}
+        m.update({f"loss_{k}" if k not in ("loss", "d_loss") else k: v / n_steps for k, v in zip(keys, values)})
+        return m
