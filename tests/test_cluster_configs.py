@@ -1,0 +1,380 @@
+"""Every YAML under cluster/ is validated, offline: launcher configs against the JSON schema and the
+config checks that ship inside the installed ray package; KubeRay manifests for required fields and
+for Ray resources that match the pods'; all files for security (no world-open Ray ports, no public
+Services, nothing that looks like a credential). Files are found by globbing, so a new file is
+validated without touching this module."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+IMAGE_HOME = "/home/ray/fers-dist"  # where cluster/kuberay/Dockerfile puts the working copy
+YAML_FILES = sorted(p for p in CLUSTER.rglob("*") if p.suffix in (".yaml", ".yml"))
+TEXT_FILES = sorted(p for p in CLUSTER.rglob("*") if p.is_file()) + [ROOT / "jobs" / "README.md"]
+RAY_PORTS = (6379, 8265, 10001)  # GCS, dashboard, Ray Client
+WORLD = ("0.0.0.0/0", "::/0")
+
+
+def load_docs(path: Path) -> list:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def kind_of(doc) -> str | None:
+    if isinstance(doc, dict) and "provider" in doc and "cluster_name" in doc:
+        return "launcher"
+    if isinstance(doc, dict) and "apiVersion" in doc and "kind" in doc:
+        return "kubernetes"
+    return None
+
+
+def _rel(p: Path) -> str:
+    return str(p.relative_to(ROOT))
+
+
+LAUNCHERS = [p for p in YAML_FILES if [kind_of(d) for d in load_docs(p)] == ["launcher"]]
+KUBE_DOCS = [(p, d) for p in YAML_FILES for d in load_docs(p) if kind_of(d) == "kubernetes"]
+RAY_DOCS = [(p, d) for p, d in KUBE_DOCS if d["apiVersion"].startswith("ray.io/")]
+
+
+def _kid(item) -> str:
+    path, doc = item
+    return f"{_rel(path)}:{doc['kind']}"
+
+
+def cluster_spec(doc: dict) -> dict:
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+
+
+def groups(doc: dict) -> list[tuple[str, dict]]:
+    spec = cluster_spec(doc)
+    return [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+
+
+def quantity(value) -> float:
+    """A Kubernetes CPU/GPU quantity ("4", 4, "500m") as a number."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def test_cluster_folder_has_the_expected_files():
+    names = {_rel(p) for p in YAML_FILES}
+    assert {"cluster/aws.yaml", "cluster/gcp.yaml", "cluster/kuberay/raycluster.yaml",
+            "cluster/kuberay/rayjob.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=_rel)
+def test_every_yaml_is_a_known_kind(path):
+    docs = load_docs(path)
+    assert docs, f"{_rel(path)} is empty"
+    assert all(kind_of(d) for d in docs), f"{_rel(path)}: neither a launcher config nor a k8s manifest"
+
+
+# -- launcher configs ------------------------------------------------------------------------------
+def ray_schema() -> dict:
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=_rel)
+def test_launcher_matches_ray_schema(path):
+    import jsonschema
+
+    jsonschema.validate(load_docs(path)[0], ray_schema())
+
+
+def test_ray_schema_rejects_a_misspelt_field():
+    import jsonschema
+
+    config = copy.deepcopy(load_docs(CLUSTER / "aws.yaml")[0])
+    config["available_node_types"]["worker.gpu1"]["min_worker"] = 1
+    with pytest.raises(jsonschema.ValidationError, match="min_worker"):
+        jsonschema.validate(config, ray_schema())
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=_rel)
+def test_launcher_passes_rays_own_config_checks(path):
+    """What `ray up` runs before touching the cloud: merge with the provider's defaults, validate."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(load_docs(path)[0])))
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=_rel)
+def test_launcher_has_cpu_head_and_gpu_worker_types_with_limits(path):
+    config = load_docs(path)[0]
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"].get("GPU", 0) == 0, "the head is a CPU node"
+    workers = {k: v for k, v in types.items() if k != config["head_node_type"]}
+    for name, node in workers.items():
+        assert 0 <= node["min_workers"] <= node["max_workers"], name
+    gpus = sorted((n["resources"].get("GPU", 0), n["max_workers"]) for n in workers.values())
+    assert (1, 8) in gpus, "a single-GPU node type scaling to 8 nodes"
+    assert any(g == 8 for g, _ in gpus), "an 8-GPU node type"
+    assert sum(n["max_workers"] for n in workers.values()) <= config["max_workers"]
+    assert sum(n["min_workers"] for n in workers.values()) >= 1, "a GPU worker stays up"
+
+
+def docker_images(config: dict) -> list[str]:
+    sections = [config.get("docker", {})] + [n.get("docker", {}) for n in config["available_node_types"].values()]
+    return [s[k] for s in sections for k in ("image", "head_image", "worker_image") if s.get(k)]
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=_rel)
+def test_launcher_images_pin_the_installed_ray(path):
+    import ray
+
+    config = load_docs(path)[0]
+    images = docker_images(config)
+    assert images and all(i.startswith(f"rayproject/ray:{ray.__version__}-py311") for i in images), images
+    assert config["docker"]["worker_image"].endswith("-gpu")
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=_rel)
+def test_launcher_installs_the_synced_working_copy(path):
+    config = load_docs(path)[0]
+    remote = [r for r, local in config["file_mounts"].items() if local == "."]
+    assert len(remote) == 1, "the working copy is synced with file_mounts"
+    assert any("pip install" in c and f"-e {remote[0]}" in c for c in config["setup_commands"])
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=_rel)
+def test_launcher_turns_on_token_auth_everywhere(path):
+    config = load_docs(path)[0]
+    assert "~/.ray/auth_token" in config["file_mounts"]
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+              if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts)
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=_rel)
+def test_launcher_storage_is_a_bucket_placeholder(path):
+    assert re.search(r"\b(s3|gs)://YOUR-BUCKET/fers\b", path.read_text())
+
+
+# -- security --------------------------------------------------------------------------------------
+def _port_ranges(rule: dict) -> list[tuple[int, int]]:
+    if "IpProtocol" in rule:  # AWS IpPermission
+        if str(rule["IpProtocol"]) == "-1" or rule.get("FromPort", -1) == -1:
+            return [(0, 65535)]
+        return [(int(rule["FromPort"]), int(rule.get("ToPort", rule["FromPort"])))]
+    ranges = []
+    for allowed in rule.get("allowed", []):  # GCP firewall rule
+        for spec in allowed.get("ports") or ["0-65535"]:
+            lo, _, hi = str(spec).partition("-")
+            ranges.append((int(lo), int(hi or lo)))
+    return ranges
+
+
+def _cidrs(rule: dict) -> list[str]:
+    return ([r.get("CidrIp") for r in rule.get("IpRanges", [])]
+            + [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])] + list(rule.get("sourceRanges", [])))
+
+
+def world_open_ray_ports(doc) -> list[str]:
+    """Firewall rules or start commands that expose 6379/8265/10001 to any address."""
+    found = []
+    if kind_of(doc) == "launcher":
+        found += [f"dashboard bound to 0.0.0.0: {c}" for c in doc.get("head_start_ray_commands", [])
+                  if re.search(r"--dashboard-host[= ]0\.0\.0\.0", c)]
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if any(c in WORLD for c in _cidrs(node)):
+                found += [f"port {p} open to the world" for lo, hi in _port_ranges(node)
+                          for p in RAY_PORTS if lo <= p <= hi]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=_rel)
+def test_no_ray_port_is_open_to_the_world(path):
+    for doc in load_docs(path):
+        assert world_open_ray_ports(doc) == []
+
+
+def test_world_open_check_catches_open_rules_and_spares_ssh():
+    def aws(port, cidr="0.0.0.0/0"):
+        return {"provider": {"security_group": {"IpPermissions": [
+            {"IpProtocol": "tcp", "FromPort": port, "ToPort": port, "IpRanges": [{"CidrIp": cidr}]}]}}}
+
+    assert world_open_ray_ports(aws(8265)) == ["port 8265 open to the world"]
+    assert world_open_ray_ports(aws(8265, "10.0.0.0/16")) == []
+    assert world_open_ray_ports(aws(22)) == []
+    everything = {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
+    assert len(world_open_ray_ports({"rules": [everything]})) == 3
+    gcp = {"sourceRanges": ["0.0.0.0/0"], "allowed": [{"IPProtocol": "tcp", "ports": ["6000-7000"]}]}
+    assert world_open_ray_ports(gcp) == ["port 6379 open to the world"]
+    cmd = {"cluster_name": "x", "provider": {}, "head_start_ray_commands": ["ray start --dashboard-host=0.0.0.0"]}
+    assert len(world_open_ray_ports(cmd)) == 1
+
+
+@pytest.mark.parametrize("item", KUBE_DOCS, ids=_kid)
+def test_no_public_service_exposes_ray(item):
+    _, doc = item
+    public = {"LoadBalancer", "NodePort"}
+    if doc["kind"] == "Service":
+        assert doc.get("spec", {}).get("type", "ClusterIP") not in public
+    if doc["kind"] in ("RayCluster", "RayJob"):
+        head = cluster_spec(doc)["headGroupSpec"]
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+        assert head.get("headService", {}).get("spec", {}).get("type", "ClusterIP") == "ClusterIP"
+        assert not head.get("enableIngress", False)
+
+
+SECRET_PATTERNS = {
+    "AWS access key id": r"\b(AKIA|ASIA)[0-9A-Z]{16}\b",
+    "private key": r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    "password": r"(?i)password\s*:",
+    "AWS secret key": r"(?i)secret_access_key",
+    "AWS session token": r"(?i)aws_session_token",
+    "service account key": r'"private_key"\s*:',
+    "literal Ray token": r"RAY_AUTH_TOKEN\s*[=:]\s*['\"]?[A-Za-z0-9+/_-]{16,}",
+}
+
+
+def secrets_in(text: str) -> list[str]:
+    return [name for name, pattern in SECRET_PATTERNS.items() if re.search(pattern, text)]
+
+
+@pytest.mark.parametrize("path", TEXT_FILES, ids=_rel)
+def test_no_credentials_in_cluster_files(path):
+    assert secrets_in(path.read_text()) == []
+
+
+def test_secret_scan_catches_credentials():
+    key_id = "AKIA" + "Q" * 16
+    assert secrets_in(f"aws_access_key_id = {key_id}") == ["AWS access key id"]
+    assert secrets_in("-----BEGIN RSA " + "PRIVATE KEY-----") == ["private key"]
+    assert secrets_in("  password: hunter2") == ["password"]
+    assert secrets_in("export RAY_AUTH_TOKEN=" + "x" * 32) == ["literal Ray token"]
+    assert secrets_in("export RAY_AUTH_TOKEN=$(kubectl get secret fers -o jsonpath=...)") == []
+
+
+# -- KubeRay manifests -----------------------------------------------------------------------------
+def containers(group: dict) -> list[dict]:
+    spec = group["template"]["spec"]
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+@pytest.mark.parametrize("item", RAY_DOCS, ids=_kid)
+def test_kuberay_required_fields(item):
+    _, doc = item
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayCluster", "RayJob")
+    assert doc["metadata"]["name"]
+    spec = cluster_spec(doc)
+    assert spec["headGroupSpec"]["template"]["spec"]["containers"]
+    assert spec["workerGroupSpecs"], "at least one worker group"
+    for g in spec["workerGroupSpecs"]:
+        assert g["groupName"] and g["template"]["spec"]["containers"]
+        assert 0 <= g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"]
+    if doc["kind"] == "RayJob":
+        assert doc["spec"]["entrypoint"].strip()
+
+
+@pytest.mark.parametrize("item", RAY_DOCS, ids=_kid)
+def test_kuberay_containers_have_image_and_resources(item):
+    for name, group in groups(item[1]):
+        for c in containers(group):
+            assert c.get("image"), f"{name}/{c['name']}: no image"
+            limits, requests = c["resources"]["limits"], c["resources"]["requests"]
+            assert {"cpu", "memory"} <= set(limits) and {"cpu", "memory"} <= set(requests), c["name"]
+            assert quantity(requests["cpu"]) <= quantity(limits["cpu"])
+            if "nvidia.com/gpu" in limits:  # extended resources: requests must equal limits
+                assert quantity(requests.get("nvidia.com/gpu", limits["nvidia.com/gpu"])) == \
+                    quantity(limits["nvidia.com/gpu"])
+
+
+@pytest.mark.parametrize("item", RAY_DOCS, ids=_kid)
+def test_kuberay_ray_resources_match_the_pods(item):
+    """rayStartParams num-gpus / num-cpus (when set) equal the Ray container's limits."""
+    gpu_groups = 0
+    for name, group in groups(item[1]):
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        params = group.get("rayStartParams", {})
+        gpus = quantity(limits.get("nvidia.com/gpu", 0))
+        gpu_groups += gpus > 0
+        if "num-gpus" in params:
+            assert quantity(params["num-gpus"]) == gpus, f"{name}: num-gpus vs nvidia.com/gpu"
+        if "num-cpus" in params:
+            assert quantity(params["num-cpus"]) == quantity(limits["cpu"]), f"{name}: num-cpus vs cpu"
+        if name == "head":
+            assert gpus == 0, "the head is a CPU pod"
+    assert gpu_groups >= 1, "a GPU worker group"
+
+
+@pytest.mark.parametrize("item", RAY_DOCS, ids=_kid)
+def test_kuberay_pins_ray_and_turns_on_token_auth(item):
+    import ray
+
+    spec = cluster_spec(item[1])
+    assert spec["rayVersion"] == ray.__version__
+    assert spec["authOptions"] == {"mode": "token"}
+
+
+def _only(kind: str) -> dict:
+    docs = [d for _, d in RAY_DOCS if d["kind"] == kind]
+    assert len(docs) == 1, f"one {kind} expected"
+    return docs[0]
+
+
+def test_rayjob_runs_on_the_raycluster_spec():
+    assert _only("RayJob")["spec"]["rayClusterSpec"] == _only("RayCluster")["spec"]
+
+
+def rayjob_cv_args() -> list[str]:
+    argv = _only("RayJob")["spec"]["entrypoint"].split()
+    assert argv[:2] == ["python", "jobs/run_cv.py"]
+    return argv[2:]
+
+
+def test_rayjob_ships_the_images_working_copy():
+    """The submitter pod runs the head's image, so it can ship the copy the Dockerfile put there."""
+    runtime_env = yaml.safe_load(_only("RayJob")["spec"]["runtimeEnvYAML"])
+    assert runtime_env["working_dir"] == IMAGE_HOME
+    dockerfile = (CLUSTER / "kuberay" / "Dockerfile").read_text()
+    for folder in ("fers_dist", "jobs"):
+        assert f"COPY --chown=1000:100 {folder} {IMAGE_HOME}/{folder}" in dockerfile
+
+
+def test_rayjob_runs_the_cv_protocol_on_a_real_config():
+    from fers_dist.config import load_config
+
+    args = rayjob_cv_args()
+    config = args[args.index("--config") + 1]
+    assert config == "jobs/configs/paper.yaml"
+    cfg = load_config(ROOT / config)
+    assert cfg.cv.experiment == "paper" and len(cfg.cv.variants) == 4
+    assert args[args.index("--storage") + 1].startswith("s3://YOUR-BUCKET/")
+
+
+def test_rayjob_entrypoint_parses_with_fers_cv():
+    cv = pytest.importorskip("fers_dist.dist.cv", reason="fers cv is not written yet")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cv.add_arguments(parser)
+    parser.parse_args(rayjob_cv_args())
+
+
+def test_kuberay_image_is_built_from_the_pinned_ray_image():
+    import ray
+
+    import fers_dist
+
+    dockerfile = (CLUSTER / "kuberay" / "Dockerfile").read_text()
+    assert re.search(rf"^FROM rayproject/ray:{re.escape(ray.__version__)}-py311-gpu$", dockerfile, re.M)
+    assert f"-e {IMAGE_HOME}" in dockerfile
+    images = {c["image"] for _, d in RAY_DOCS for _, g in groups(d) for c in containers(g)}
+    assert images == {f"YOUR-REGISTRY/fers-dist:{fers_dist.__version__}"}
