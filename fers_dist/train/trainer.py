@@ -132,9 +132,9 @@ class Trainer:
 
     # -- epochs --------------------------------------------------------------------------------
     def fit(self, checkpoint: str | Path | None = None, report: Report | None = None,
-            val: FaceSet | None = None, on_epoch_start: Callable[[int], None] | None = None) -> int:
+            val: FaceSet | None = None) -> int:
         """Train to ``self.epochs``, resuming from ``checkpoint`` if it exists. Returns epochs run."""
-        cfg, n = self.cfg, len(self.train_set)
+        cfg = self.cfg
         start, best, waited = 0, -1.0, 0
         if checkpoint and Path(checkpoint).exists():
             state = load_checkpoint(checkpoint, modules=self.modules(), generator=self.g)
@@ -143,23 +143,9 @@ class Trainer:
             if state["extra"].get("stopped"):
                 return start
             self.log(f"resumed from {checkpoint} at epoch {start}")
-        bs = min(cfg.train.batch_size, n)
         self.model.train()
         for epoch in range(start, self.epochs):
-            if on_epoch_start:
-                on_epoch_start(epoch)
-            t0, lam, sums = time.perf_counter(), self.lambdas(epoch), {}
-            perm = torch.randperm(n, generator=self.g, device=self.device)
-            n_steps = max(1, n // bs)  # full batches only (BatchNorm needs > 1 sample)
-            for s in range(n_steps):
-                self.step(perm[s * bs:(s + 1) * bs], lam, sums)
-                if cfg.train.log_every and (s + 1) % cfg.train.log_every == 0:
-                    self.log(f"epoch {epoch} step {s + 1}/{n_steps} loss {float(sums['loss']) / (s + 1):.4f}")
-            lr = self.opt_g.param_groups[0]["lr"]
-            for sch in (self.sched_g, self.sched_d):
-                if sch is not None:
-                    sch.step()
-            metrics = self._epoch_metrics(epoch, lr, lam, sums, n_steps * bs, n_steps, time.perf_counter() - t0)
+            metrics = self.run_epoch(epoch)
             stop = False
             if val is not None and len(val):
                 metrics["val_accuracy"] = accuracy(self.model, val, cfg.model.input_size, self.amp)
@@ -182,6 +168,23 @@ class Trainer:
                          f"for {waited} epochs")
                 return epoch + 1
         return self.epochs
+
+    def run_epoch(self, epoch: int) -> dict:
+        """One pass over the training faces in full batches; returns the epoch's mean metrics."""
+        cfg, n = self.cfg, len(self.train_set)
+        bs = min(cfg.train.batch_size, n)
+        t0, lam, sums = time.perf_counter(), self.lambdas(epoch), {}
+        perm = torch.randperm(n, generator=self.g, device=self.device)
+        n_steps = max(1, n // bs)  # full batches only (BatchNorm needs > 1 sample)
+        for s in range(n_steps):
+            self.step(perm[s * bs:(s + 1) * bs], lam, sums)
+            if cfg.train.log_every and (s + 1) % cfg.train.log_every == 0:
+                self.log(f"epoch {epoch} step {s + 1}/{n_steps} loss {float(sums['loss']) / (s + 1):.4f}")
+        lr = self.opt_g.param_groups[0]["lr"]
+        for sch in (self.sched_g, self.sched_d):
+            if sch is not None:
+                sch.step()
+        return self._epoch_metrics(epoch, lr, lam, sums, n_steps * bs, n_steps, time.perf_counter() - t0)
 
     def _epoch_metrics(self, epoch, lr, lam, sums, n_images, n_steps, seconds) -> dict:
         keys = [k for k in sums if k != "correct"]

@@ -1,0 +1,101 @@
+"""``<storage>/<experiment>/folds.parquet``: one row per finished (dataset, variant, fold) run.
+
+Ray-free. ``storage`` is a local path or any pyarrow-filesystem URI (s3://, gs://). Rows are appended by
+rewriting the whole file through a temporary object and a rename (a single PUT on object stores), so a
+reader never sees half a file; a row for a run that is already there replaces it, so a resumed
+experiment never duplicates rows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+
+from fers_dist.errors import FersError
+
+KEY = ["dataset", "variant", "fold", "config_hash", "tag"]
+JSON_COLUMNS = ("gate_means", "gate_maps", "history", "config")
+
+
+def run_name(dataset: str, variant: str, fold: int, tag: str = "") -> str:
+    """Deterministic run names (Train V2 resumes a run by name): ``ckplus-original-f3``."""
+    return f"{dataset}-{variant}-f{fold}" + (f"-{tag}" if tag and tag != "paper" else "")
+
+
+def result_row(result, *, experiment: str, tag: str = "paper", checkpoint_uri: str = "",
+               config: dict | None = None, status: str = "finished", error: str = "") -> dict:
+    """A folds.parquet row from a :class:`fers_dist.train.fold.FoldResult` (or its dict)."""
+    d = result if isinstance(result, dict) else result.to_dict()
+    row = {k: v for k, v in d.items() if k not in JSON_COLUMNS}
+    row.update({k: json.dumps(d.get(k, {})) for k in JSON_COLUMNS if k != "config"})
+    row.update(experiment=experiment, tag=tag, run_name=run_name(d["dataset"], d["variant"], d["fold"], tag),
+               checkpoint_uri=checkpoint_uri, status=status, error=error,
+               config=json.dumps(config or {}), finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return row
+
+
+def _fs(uri: str):
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as e:
+        raise FersError(f"storage {uri!r}: cannot open ({e})") from None
+
+
+def experiment_uri(storage: str, experiment: str) -> str:
+    return f"{storage.rstrip('/')}/{experiment}"
+
+
+def folds_uri(storage: str, experiment: str) -> str:
+    return f"{experiment_uri(storage, experiment)}/folds.parquet"
+
+
+def _local(uri: str) -> str:
+    return str(Path(uri).resolve()) if "://" not in uri else uri
+
+
+def read_folds(uri: str) -> pd.DataFrame:
+    """Read a folds.parquet (path or URI). Missing file -> empty frame."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    fs, path = _fs(_local(uri))
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return pd.DataFrame()
+    return pq.read_table(path, filesystem=fs).to_pandas()
+
+
+def append_rows(storage: str, experiment: str, rows: list[dict]) -> str:
+    """Append (or replace, by run key) rows in folds.parquet atomically; returns its URI."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    uri = folds_uri(_local(storage), experiment)
+    fs, path = _fs(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    new = pd.DataFrame(rows)
+    old = read_folds(uri)
+    frame = pd.concat([old, new], ignore_index=True) if len(old) else new
+    frame = frame.drop_duplicates(subset=KEY, keep="last").sort_values(KEY[:3]).reset_index(drop=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp, filesystem=fs)
+    fs.move(tmp, path)
+    return uri
+
+
+def check_writable(storage: str) -> None:
+    """Fail fast (before any run starts) when the storage cannot be written."""
+    fs, path = _fs(_local(storage))
+    probe = f"{path.rstrip('/')}/.fers-write-test-{uuid.uuid4().hex}"
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except Exception as e:
+        raise FersError(f"cv.storage {storage!r} is not writable ({type(e).__name__}: {e})") from None
