@@ -1,0 +1,110 @@
+"""`fers fes-eval` (paper Table V protocol) end to end on the REAL tiny experiment of report_fixtures.py."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from report_fixtures import copy_experiment, tiny_experiment  # noqa: F401  (session fixture)
+
+from fers_dist.cli import main
+from fers_dist.errors import FersError
+from fers_dist.report import fes_eval as fes_mod
+from fers_dist.report.cli import build_report
+from fers_dist.report.identity import cosine_scores, identity_similarity
+
+
+def test_fes_eval_cli_end_to_end_then_in_the_report(tiny_experiment, tmp_path):  # noqa: F811
+    exp = copy_experiment(tiny_experiment, tmp_path / "exp")
+    rc = main(["fes-eval", str(exp), "--folds", "0", "--recogniser-epochs", "2", "--identity-faces", "3",
+               "--device", "cpu"])
+    assert rc == 0
+    res = pd.read_parquet(exp / "fes_eval.parquet").set_index("variant")
+    assert sorted(res.index) == ["fes_da", "original"]  # fold 0 has both checkpoints
+    faces = tiny_experiment["faces"]
+    n_test, E = int((faces.folds == 0).sum()), faces.num_classes
+    for variant, r in res.iterrows():
+        assert r["n_source_images"] == n_test and r["n_synth_images"] == n_test * E
+        conf = np.array([np.asarray(row) for row in r["confusion"]])
+        assert conf.sum() == n_test * E and (conf.sum(1) == n_test).all()  # every target, every test face
+        assert r["accuracy"] == pytest.approx(np.trace(conf) / conf.sum())
+        assert 0 <= r["recogniser_real_accuracy"] <= 1
+        assert r["identity_method"] in ("dlib", "subject_encoder") and r["identity_pairs"] > 0
+        assert r["checkpoint"].endswith("fes_da.pt" if variant == "fes_da" else "main.pt")
+    # one recogniser per fold, shared by both checkpoints (same real-image recogniser, same real accuracy)
+    assert len(list((exp / "fes_eval").glob("recogniser-*.pt"))) == 1
+    assert res.loc["original", "recogniser_real_accuracy"] == res.loc["fes_da", "recogniser_real_accuracy"]
+    assert (exp / "fes_eval.csv").read_text().count("\n") == 3
+    report = build_report(exp, synthesis=False)
+    table = pd.read_csv(report["out"] / "tables" / "table5_fes.csv").set_index("label")
+    assert table.loc["original", "accuracy"] == pytest.approx(100 * res.loc["original", "accuracy"])
+    assert table.loc["original", "paper"] == 97.04
+    assert "Table V: FES" in (report["out"] / "tables" / "paper_vs_ours.md").read_text()
+
+
+def test_recogniser_sees_only_the_real_training_faces_of_the_fold(tiny_experiment, monkeypatch):  # noqa: F811
+    seen = []
+    real = fes_mod.train_recogniser
+
+    def spy(cfg, train, fold, *args, **kwargs):
+        seen.append(train)
+        return real(cfg, train, fold, *args, **kwargs)
+
+    monkeypatch.setattr(fes_mod, "train_recogniser", spy)
+    faces, cfg = tiny_experiment["faces"], tiny_experiment["cfg"].with_overrides({"identity.encoder_epochs": 1})
+    ckpt = tiny_experiment["exp_dir"] / "checkpoints" / "ckplus-original-f1" / "main.pt"
+    cache: dict = {}
+    r = fes_mod.fes_eval_fold(cfg, faces, 1, ckpt, recogniser_epochs=1, identity="lightcnn", identity_faces=6,
+                              device="cpu", cache=cache, log=lambda m: None)
+    again = fes_mod.fes_eval_fold(cfg, faces, 1, ckpt, recogniser_epochs=1, identity="lightcnn", identity_faces=6,
+                                  device="cpu", cache=cache, log=lambda m: None)
+    assert len(seen) == 1  # the cache trains the recogniser once per fold
+    train = seen[0]
+    assert len(train) == int((faces.folds != 1).sum()) and not (train.folds == 1).any()
+    test_subjects = set(faces.subjects[faces.folds == 1].tolist())
+    assert not test_subjects & set(train.subjects.tolist())
+    assert r["identity_method"] == "subject_encoder"  # identity.backbone=none: LightCNN-9 on train subjects
+    assert r["identity_pairs"] == 6 * faces.num_classes
+    assert again["accuracy"] == r["accuracy"] and again["identity_cosine"] == pytest.approx(r["identity_cosine"])
+
+
+def test_dlib_identity_scores_own_faces_above_other_subjects(tiny_experiment):  # noqa: F811
+    faces = tiny_experiment["faces"]
+    pick = torch.arange(0, len(faces), max(1, len(faces) // 6))[:6]
+    src = faces.images[pick]
+    synth = src[:, None].repeat(1, 2, 1, 1, 1)  # "synthesised" = the source itself: identity is perfect
+    r = identity_similarity(src, synth, faces.subjects[pick], "dlib", lightcnn=None)
+    assert r["identity_method"] == "dlib" and r["identity_pairs"] > 0
+    assert r["identity_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert r["identity_cosine_other"] < r["identity_cosine"]
+
+
+def test_cosine_scores_separate_own_and_other_subjects():
+    src = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    syn = np.stack([src, -src], axis=1)  # per source: itself, then its opposite
+    syn[2, 1] = np.nan  # a face the embedder did not find
+    r = cosine_scores(src, syn, np.array([0, 1, 1]))
+    assert r["identity_pairs"] == 5 and r["identity_cosine"] == pytest.approx((3 - 2) / 5)
+    other = [src[i] @ syn[j, t] / np.linalg.norm(src[i]) / np.linalg.norm(syn[j, t])
+             for i, j in [(0, 1), (0, 2), (1, 0), (2, 0)] for t in range(2) if not np.isnan(syn[j, t]).any()]
+    assert r["identity_cosine_other"] == pytest.approx(np.mean(other))
+
+
+def test_missing_checkpoint_is_a_clear_error_naming_the_path(tiny_experiment, tmp_path):  # noqa: F811
+    gone = tmp_path / "gone"
+
+    def edit(frame):
+        frame.loc[(frame["variant"] == "original") & (frame["fold"] == 2), "checkpoint_uri"] = str(gone)
+        return frame
+
+    exp = copy_experiment(tiny_experiment, tmp_path / "exp", edit)
+    args = argparse.ArgumentParser()
+    fes_mod.add_arguments(args)
+    with pytest.raises(FersError, match=str(gone / "main.pt")):
+        fes_mod.run(args.parse_args([str(exp), "--recogniser-epochs", "1"]))
+    assert not (exp / "fes_eval.parquet").exists()  # checked before any training
+    with pytest.raises(FersError, match="no finished original/fes_da run matches"):
+        fes_mod.run(args.parse_args([str(exp), "--datasets", "mmi"]))
