@@ -38,3 +38,24 @@ def demo_cfg():
     from fers_dist.config import load_config
 
     return load_config(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml")
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory, ray_session):
+    """Synthetic CK+ and Oulu-CASIA faces (12 subjects each), prepared by the real Ray Data pipeline
+    at 40x40 with the `landmarks` aligner: <root>/<dataset>/faces.parquet, 10 folds."""
+    from fers_dist.data.prepare import prepare
+    from fers_dist.data.synthetic import synthesize
+
+    base = tmp_path_factory.mktemp("prepared")
+    for layout in ("ckplus", "oulu"):
+        synthesize(layout, base / "raw" / layout, subjects=12, seed=0, size=160, progress=False)
+        prepare(layout, base / "raw" / layout, base / "data", aligner="landmarks", size=40, log=lambda *a: None)
+    return base / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(demo_cfg):
+    """The demo model at 2 epochs, no identity network: the fastest honest full-objective run."""
+    return demo_cfg.with_overrides({"train.epochs": 2, "train.checkpoint_every": 1,
+                                    "identity.backbone": "none", "train.fes_da_epochs": 1})

@@ -58,11 +58,11 @@ class FaceSet:
 def parquet_path(data: str | Path, dataset: str | None = None) -> Path:
     """Accept a faces.parquet file, a dataset folder, or a data root plus dataset name."""
     p = Path(data)
-    if dataset and (p / dataset).is_dir():
+    if p.suffix == ".parquet":
+        return p
+    if dataset and not (p / "faces.parquet").exists():
         p = p / dataset
-    if p.is_dir():
-        p = p / "faces.parquet"
-    return p
+    return p / "faces.parquet"
 
 
 def load_faces(data: str | Path, dataset: str | None = None) -> FaceSet:

@@ -1,0 +1,204 @@
+"""Cross-validation on Ray: datasets x variants x folds, each a Ray Train run of ``fit_fold`` launched
+from a Tune grid, packed onto the cluster, resumable, with one folds.parquet row per finished run.
+
+  fers cv --config jobs/configs/paper.yaml --datasets ckplus,oulu,mmi \\
+          --variants no_mtl,no_convflu,original,fes_da --folds all --storage PATH_OR_URI
+
+Runs embedded Ray on a laptop, or joins a cluster via --address / RAY_ADDRESS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fers_dist.config import DATASETS, VARIANTS, Config, load_config
+from fers_dist.errors import FersError
+
+
+@dataclass(frozen=True)
+class Run:
+    dataset: str
+    variant: str
+    fold: int
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config over the paper defaults (jobs/configs/paper.yaml)")
+    p.add_argument("--datasets", help=f"comma list from {','.join(DATASETS)} (default: cv.datasets)")
+    p.add_argument("--variants", help=f"comma list from {','.join(VARIANTS)} (default: cv.variants)")
+    p.add_argument("--folds", help="'all' or a comma list of fold indices (default: cv.folds)")
+    p.add_argument("--storage", help="results root: local path or s3:// / gs:// URI (default: cv.storage)")
+    p.add_argument("--data-root", help="prepared data root holding <dataset>/faces.parquet (default: data.root)")
+    p.add_argument("--experiment", help="experiment name (default: cv.experiment)")
+    p.add_argument("--resume", metavar="NAME", help="resume experiment NAME: re-run only unfinished runs")
+    p.add_argument("--tag", default="paper", help="row tag, e.g. 'tuned' for runs with tuned λ")
+    p.add_argument("--workers-per-run", type=int, help="override cv.workers_per_run (0 = local mode)")
+    p.add_argument("--gpus-per-run", type=float, help="override cv.gpus_per_run (0.25 packs 4 per GPU)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and estimates; start nothing")
+    p.add_argument("--images-per-s", type=float,
+                   help="--dry-run: measured training images/s per GPU (fers bench train) instead of the projection")
+    p.add_argument("--gpus", type=float, help="--dry-run: plan for this many GPUs (default: 1, 8 and 64)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides: dict = {}
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    if args.datasets:
+        overrides["cv.datasets"] = split(args.datasets)
+    if args.variants:
+        overrides["cv.variants"] = split(args.variants)
+    if args.folds:
+        overrides["cv.folds"] = "all" if args.folds == "all" else [_int(f, "--folds") for f in split(args.folds)]
+    for flag, key in (("storage", "cv.storage"), ("data_root", "data.root"), ("experiment", "cv.experiment"),
+                      ("resume", "cv.experiment"), ("workers_per_run", "cv.workers_per_run"),
+                      ("gpus_per_run", "cv.gpus_per_run")):
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
+    return load_config(args.config, overrides)
+
+
+def _int(s: str, flag: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise FersError(f"{flag}: {s!r} is not a fold index") from None
+
+
+def plan_runs(cfg: Config) -> list[Run]:
+    """Every run, with each fes_da run's original run for the same fold (FES-DA starts from it)."""
+    folds = range(cfg.data.n_folds) if cfg.cv.folds == "all" else cfg.cv.folds
+    bad = [f for f in folds if not 0 <= f < cfg.data.n_folds]
+    if bad:
+        raise FersError(f"cv.folds: {bad} out of range 0..{cfg.data.n_folds - 1} (data.n_folds={cfg.data.n_folds})")
+    variants = list(dict.fromkeys(cfg.cv.variants))
+    if "fes_da" in variants and "original" not in variants:
+        variants.insert(variants.index("fes_da"), "original")
+    return [Run(d, v, f) for d in dict.fromkeys(cfg.cv.datasets) for v in variants for f in folds]
+
+
+def check_inputs(cfg: Config, runs: list[Run]) -> None:
+    """Clear errors before any run starts: missing Parquet folders, unwritable storage."""
+    from fers_dist.data.loader import parquet_path
+    from fers_dist.results import check_writable
+
+    for ds in dict.fromkeys(r.dataset for r in runs):
+        path = parquet_path(cfg.data.root, ds)
+        if "://" not in cfg.data.root and not path.exists():
+            raise FersError(f"{path}: no prepared {ds} dataset (run: fers prepare --dataset {ds} "
+                            f"--root RAW_{ds.upper()} --out {cfg.data.root})")
+    check_writable(cfg.cv.storage)
+
+
+def absolute(cfg: Config) -> Config:
+    """Local paths made absolute: Ray workers do not share the driver's working directory."""
+    o = {}
+    if "://" not in cfg.cv.storage:
+        o["cv.storage"] = str(Path(cfg.cv.storage).resolve())
+    if "://" not in cfg.data.root:
+        o["data.root"] = str(Path(cfg.data.root).resolve())
+    return cfg.with_overrides(o) if o else cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = absolute(config_from_args(args))
+    runs = plan_runs(cfg)
+    if args.dry_run:
+        from fers_dist.dist.plan import print_plan
+
+        print_plan(cfg, runs, args.images_per_s, args.gpus)
+        return 0
+    check_inputs(cfg, runs)
+    frame = run_cv(cfg, runs, tag=args.tag, address=args.address)
+    from fers_dist.dist.progress import summary_table
+
+    print(summary_table(frame))
+    return 0 if len(frame) and (frame["status"] == "finished").all() else 1
+
+
+def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", address: str | None = None):
+    """Run every unfinished run of ``cfg``'s grid; returns the experiment's folds.parquet as a frame."""
+    import ray
+
+    from fers_dist.dist.resources import describe, plan_resources
+    from fers_dist.results import folds_uri, read_folds
+
+    cfg = absolute(cfg)
+    runs = runs if runs is not None else plan_runs(cfg)
+    storage, experiment = cfg.cv.storage, cfg.cv.experiment
+    started = _ray_up(address)
+    try:
+        done = _finished(read_folds(folds_uri(storage, experiment)), cfg, tag)
+        todo = [r for r in runs if (r.dataset, r.variant, r.fold) not in done]
+        print(f"fers cv: {experiment}: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
+              f"{len(todo)} to run", file=sys.stderr)
+        res = plan_resources(cfg.cv, ray.cluster_resources(), len(todo) or None)
+        print(f"fers cv: {describe(res, ray.cluster_resources())}", file=sys.stderr)
+        first = [r for r in todo if r.variant != "fes_da"]
+        second = [r for r in todo if r.variant == "fes_da"]
+        for wave in (first, second):
+            if wave:
+                _run_wave(cfg, wave, res, tag)
+        return read_folds(folds_uri(storage, experiment))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _finished(frame, cfg: Config, tag: str) -> set[tuple]:
+    if not len(frame):
+        return set()
+    mine = frame[(frame["status"] == "finished") & (frame["config_hash"] == cfg.hash()) & (frame["tag"] == tag)]
+    return set(zip(mine["dataset"], mine["variant"], mine["fold"]))
+
+
+def _ray_up(address: str | None) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    return True
+
+
+def _run_wave(cfg: Config, wave: list[Run], res, tag: str) -> None:
+    from ray import tune
+
+    from fers_dist.dist.fold_run import checkpoint_home, fold_trial
+    from fers_dist.dist.progress import ProgressTable, RowWriter
+    from fers_dist.results import run_name
+
+    storage, experiment = cfg.cv.storage, cfg.cv.experiment
+    configs = []
+    for r in wave:
+        run_cfg = cfg.with_overrides({"model.variant": r.variant})
+        init_from = None
+        if r.variant == "fes_da" and "://" not in storage:
+            main = Path(checkpoint_home(storage, experiment, run_name(r.dataset, "original", r.fold, tag))) / "main.pt"
+            init_from = str(main) if main.exists() else None
+        configs.append({"dataset": r.dataset, "variant": r.variant, "fold": r.fold, "tag": tag,
+                        "cfg": run_cfg.model_dump(mode="json"), "storage": storage, "experiment": experiment,
+                        "workers": res.workers, "worker": res.worker, "max_failures": cfg.cv.max_failures,
+                        "init_from": init_from})
+    tuner = tune.Tuner(
+        tune.with_resources(fold_trial, res.trial),
+        param_space={"run": tune.grid_search(configs)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=f"{storage.rstrip('/')}/{experiment}",
+            failure_config=tune.FailureConfig(max_failures=cfg.cv.max_failures if res.workers == 0 else 0),
+            callbacks=[RowWriter(storage, experiment), ProgressTable(len(wave))],
+            verbose=0,
+        ),
+    )
+    tuner.fit()

@@ -1,0 +1,63 @@
+"""``fers cv --dry-run``: the plan without starting Ray — number of runs, GPU-hours, packing, wall clock.
+
+Throughput comes from ``fers bench train`` figures. Until a GPU figure is measured (docs/BENCHMARKS.md),
+the default is a PROJECTION from counted FLOPs: 0.442 TFLOP per training image (fers bench model, width
+256, 96x96) at 35% MFU of an H100's 989 dense bf16 TFLOP/s = 783 images/s. Pass --images-per-s to use a
+measured figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+from fers_dist.config import Config, num_classes
+
+PROJECTED_IMAGES_PER_S = 0.35 * 989e12 / 0.442e12  # ≈ 783, see module docstring
+PAPER_IMAGES = {"ckplus": 981, "oulu": 1440, "mmi": 624, "bu4dfe": 60600}  # Table I
+
+
+def dataset_images(cfg: Config, dataset: str) -> tuple[int, str]:
+    manifest = Path(cfg.data.root) / dataset / "manifest.json"
+    if manifest.exists():
+        return int(json.loads(manifest.read_text())["n_images"]), "prepared manifest"
+    return PAPER_IMAGES[dataset], "paper Table I"
+
+
+def run_hours(cfg: Config, dataset: str, variant: str, images_per_s: float) -> float:
+    n, _ = dataset_images(cfg, dataset)
+    n_train = n * (cfg.data.n_folds - 1) / cfg.data.n_folds
+    seen = 0.0 if variant == "fes_da" else cfg.train.epochs * n_train  # fes_da reuses original's run
+    if variant == "fes_da":
+        seen += cfg.train.fes_da_epochs * n_train * num_classes(dataset) / 3  # cls-only steps cost ~1/3
+    if variant == "no_mtl":
+        seen /= 2.2  # counted: 0.202 vs 0.442 TFLOP per training image
+    return seen / images_per_s / 3600
+
+
+def print_plan(cfg: Config, runs: list, images_per_s: float | None = None, gpus: float | None = None) -> dict:
+    ips = images_per_s or PROJECTED_IMAGES_PER_S
+    source = "measured (--images-per-s)" if images_per_s else "projected from counted FLOPs at 35% MFU"
+    per = {(r.dataset, r.variant, r.fold): run_hours(cfg, r.dataset, r.variant, ips) for r in runs}
+    per_gpu = max(1, math.floor(1 / cfg.cv.gpus_per_run + 1e-9)) if cfg.cv.gpus_per_run else 1
+    print(f"experiment {cfg.cv.experiment}: {len(runs)} runs "
+          f"({', '.join(f'{k} x{v}' for k, v in Counter(r.dataset for r in runs).items())}; "
+          f"variants {', '.join(dict.fromkeys(r.variant for r in runs))})")
+    for ds in dict.fromkeys(r.dataset for r in runs):
+        n, src = dataset_images(cfg, ds)
+        print(f"  {ds}: {n} images ({src}), {cfg.data.n_folds} folds, {cfg.train.epochs} epochs")
+    print(f"throughput: {ips:.0f} training images/s per full GPU ({source})")
+    out = {"runs": len(runs), "run_hours": sum(per.values())}
+    for n_gpus in ([gpus] if gpus else [1, 8, 64]):
+        share = min(per_gpu, math.ceil(len(runs) / n_gpus))  # runs actually sharing one GPU
+        slots = int(n_gpus * share)
+        # runs sharing a GPU each get 1/share of it, so a packed run takes share times longer
+        waves = math.ceil(len(runs) / slots)
+        wall = max(sum(per.values()) / n_gpus, max(per.values()) * share) if runs else 0
+        print(f"  {n_gpus:>3} GPU(s): {slots} concurrent runs ({share} per GPU), ~{waves} waves, "
+              f"wall clock ≈ {wall:.2f} h, {sum(per.values()):.1f} GPU-hours")
+        out[f"wall_h_{n_gpus}"] = wall
+    print(f"paper's sequential cost: ~5 h per model on a GTX 1080 Ti -> ~{len(runs) * 5} GPU-hours")
+    return out

@@ -1,0 +1,67 @@
+"""How fold runs are packed onto a cluster, so that nested Train-in-Tune runs can never deadlock.
+
+Each fold run is a Tune trial (the "driver") that starts a Ray Train run of ``workers_per_run`` workers.
+The driver holds almost no CPU; the workers hold ``cpus_per_run`` / ``gpus_per_run`` (split evenly across
+workers; fractional GPUs pack several folds on one card). Tune's concurrency is capped by what whole runs
+(driver + workers) need, so every started driver can always get its workers. With ``workers_per_run=0``
+(Train's local mode) the trial itself holds the run's resources and trains in-process.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fers_dist.config import CVConfig
+from fers_dist.errors import FersError
+
+DRIVER_CPU = 0.01  # a Tune trial that only waits on its Train run; Tune rejects 0
+
+
+@dataclass(frozen=True)
+class RunResources:
+    trial: dict  # resources of the Tune trial (driver)
+    workers: int  # Ray Train workers (0 = local mode, in the trial)
+    worker: dict  # resources per Train worker
+    max_concurrent: int  # whole runs that fit on the cluster at once
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.worker.get("GPU", 0) > 0 or self.trial.get("gpu", 0) > 0
+
+
+def plan_resources(cv: CVConfig, cluster: dict, n_runs: int | None = None) -> RunResources:
+    """Resources per run and the concurrency cap for ``cluster`` (``ray.cluster_resources()``)."""
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    if cv.gpus_per_run > 0 and gpus == 0:
+        raise FersError(f"cv.gpus_per_run={cv.gpus_per_run} but the cluster has no GPUs "
+                        f"(it has {cpus:g} CPUs, 0 GPUs); set cv.gpus_per_run: 0 to train on CPUs")
+    if cv.gpus_per_run > gpus > 0 and cv.workers_per_run <= 1:
+        raise FersError(f"cv.gpus_per_run={cv.gpus_per_run} exceeds the cluster's {gpus:g} GPUs")
+    w = cv.workers_per_run
+    if w == 0:
+        trial = {"cpu": cv.cpus_per_run, "gpu": cv.gpus_per_run}
+        worker: dict = {}
+        run_cpu = cv.cpus_per_run
+    else:
+        trial = {"cpu": DRIVER_CPU, "gpu": 0}
+        worker = {"CPU": cv.cpus_per_run / w}
+        if cv.gpus_per_run:
+            worker["GPU"] = cv.gpus_per_run / w
+        run_cpu = DRIVER_CPU + cv.cpus_per_run
+    if run_cpu > cpus:
+        raise FersError(f"cv.cpus_per_run={cv.cpus_per_run} (+{trial['cpu']} for the driver) exceeds the "
+                        f"cluster's {cpus:g} CPUs")
+    fit = math.floor(cpus / run_cpu + 1e-9)
+    if cv.gpus_per_run:
+        fit = min(fit, math.floor(gpus / cv.gpus_per_run + 1e-9))
+    fit = max(1, fit)
+    return RunResources(trial=trial, workers=w, worker=worker,
+                        max_concurrent=min(fit, n_runs) if n_runs else fit)
+
+
+def describe(res: RunResources, cluster: dict) -> str:
+    per = (f"{res.workers} worker(s) x {res.worker}" if res.workers
+           else f"local mode in the trial, {res.trial}")
+    return (f"{res.max_concurrent} run(s) at once on {cluster.get('CPU', 0):g} CPUs / "
+            f"{cluster.get('GPU', 0):g} GPUs; each run: {per}")
