@@ -116,3 +116,76 @@ def _dataset_sizes(data):
 
     # each image is in exactly one test fold; two variants -> twice the dataset
     return {ds: 2 * json.loads((data / ds / "manifest.json").read_text())["n_images"] for ds in ("ckplus", "oulu")}
+
+
+def _wait_for(predicate, timeout=240, every=0.5):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_real_workers_pack_and_survive_a_killed_worker(tiny_cfg, prepared_data, tmp_path, ray_session):
+    """3 runs with real Train workers where only 2 fit at once must finish (no nested deadlock); then a
+    worker SIGKILLed mid-fold restarts from its checkpoint and ends with the unkilled run's metrics."""
+    base = dict(datasets=["ckplus"], variants=["original"], workers_per_run=1, gpus_per_run=0,
+                cpus_per_run=0.9, max_failures=2)
+    cfg = cv_cfg(tiny_cfg, prepared_data, tmp_path / "a", folds=[0, 1, 2], **base)
+    cfg = cfg.with_overrides({"train.epochs": 5})
+    assert plan_resources(cfg.cv, ray_session.cluster_resources(), 3).max_concurrent == 2
+    straight = run_cv(cfg)
+    assert len(straight) == 3 and (straight["status"] == "finished").all()
+
+    killed_cfg = cfg.with_overrides({"cv.storage": str(tmp_path / "b"), "cv.folds": [0]})
+    ckdir = tmp_path / "b" / cfg.cv.experiment / "checkpoints" / "ckplus-original-f0"
+    kills = []
+
+    def killer():
+        if _wait_for(lambda: (ckdir / "main.pt").exists() and (ckdir / "worker.pid").exists()):
+            pid = int((ckdir / "worker.pid").read_text())
+            os.kill(pid, signal.SIGKILL)
+            kills.append(pid)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    resumed = run_cv(killed_cfg)
+    t.join(timeout=1)
+    assert kills, "the worker was never killed"
+    assert int((ckdir / "worker.pid").read_text()) != kills[0]  # a new worker finished the fold
+    row, ref = resumed.iloc[0], straight.set_index("fold").loc[0]
+    assert row["status"] == "finished"
+    assert row["accuracy"] == ref["accuracy"] and list(map(list, row["confusion"])) == list(map(list, ref["confusion"]))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_experiment_resumes_after_the_driver_dies(tiny_cfg, prepared_data, tmp_path, ray_session):
+    from fers_dist.config import dump_config
+
+    cfg = cv_cfg(tiny_cfg, prepared_data, tmp_path, datasets=["ckplus"], variants=["original"],
+                 folds=[0, 1, 2, 3], workers_per_run=0, gpus_per_run=0, cpus_per_run=1,
+                 experiment="resumable").with_overrides({"train.epochs": 3})
+    dump_config(cfg, tmp_path / "cfg.yaml")
+    address = ray_session.get_runtime_context().gcs_address
+    driver = subprocess.Popen([sys.executable, str(ROOT / "jobs/run_cv.py"), "--config", str(tmp_path / "cfg.yaml"),
+                               "--address", address], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = folds_uri(str(tmp_path), "resumable")
+    try:
+        assert _wait_for(lambda: len(read_folds(uri)) >= 1, timeout=300), "no run finished before the kill"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    before = read_folds(uri)
+    assert 1 <= len(before) < 4, "the driver must die mid-experiment for this test to mean anything"
+    from fers_dist.cli import main
+
+    assert main(["cv", "--config", str(tmp_path / "cfg.yaml"), "--resume", "resumable"]) == 0
+    after = read_folds(uri)
+    assert sorted(after["fold"]) == [0, 1, 2, 3] and (after["status"] == "finished").all()
+    kept = after.set_index("fold").loc[list(before["fold"]), "finished_at"]
+    assert list(kept) == list(before["finished_at"])  # finished runs were not re-run
