@@ -1,0 +1,305 @@
+"""Tune the loss weights λ1..λ4 and the LR schedule with Ray Tune + Optuna, on nested CV.
+
+``fers tune --config jobs/configs/tune.yaml --dataset oulu --trials 50 --storage sqlite:///oulu.db``
+
+- Search space: ``tune.space`` in the YAML (dotted config keys). The config's own values (the paper's)
+  are enqueued as the first trial, so the study always holds the baseline. Points breaking a
+  cross-field rule (lr_end > lr_start) are rejected and recorded as FAILED trials (search_space.py).
+- Objective: mean accuracy on INNER validation folds carved from the training subjects of outer fold
+  ``tune.outer_fold``; the outer test fold is never loaded into a trial (objective.py).
+  ``--objective fer+fes`` adds FES realism, ``fer-fast`` device-hours (Pareto front).
+- Ray Tune runs the trials (OptunaSearch, TPE by default; ASHA stops weak trials on the epoch
+  reports; a ConcurrencyLimiter sized to the cluster; reuse_actors=True).
+- The study lives in persistent Optuna storage: running the same command again resumes it, keeping
+  finished trials and running only the missing ones (``--trials`` is the study's total).
+- Outputs in ``--out`` (default ``<cv.storage>/tune-<study>``): best.yaml, trials.parquet, PNG plots.
+  ``--evaluate-best`` then runs best.yaml through ``fers cv`` on the outer folds with tag "tuned".
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from fers_dist.config import Config, load_config
+from fers_dist.errors import DataError, FersError
+
+SAMPLERS = ("tpe", "random", "cmaes", "nsgaii")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config with a tune: section (e.g. jobs/configs/tune.yaml)")
+    p.add_argument("--dataset", choices=("ckplus", "oulu", "mmi", "bu4dfe"), help="tune.dataset")
+    p.add_argument("--trials", type=int, help="total trials the study should hold (tune.trials)")
+    p.add_argument("--storage", help="sqlite:///study.db, a study.log journal file, or an RDB URL "
+                                     "(default: sqlite in --out)")
+    p.add_argument("--study", help="study name (tune.study)")
+    p.add_argument("--objective", choices=("fer", "fer+fes", "fer-fast"), help="tune.objective")
+    p.add_argument("--sampler", choices=SAMPLERS, help="tune.sampler")
+    p.add_argument("--pruner", choices=("asha", "none"), help="tune.pruner (single objective only)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster holds)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (tune.epochs)")
+    p.add_argument("--outer-fold", type=int, help="outer fold whose training subjects are tuned on")
+    p.add_argument("--inner-folds", type=int, help="inner CV folds (tune.inner_folds)")
+    p.add_argument("--force", action="store_true",
+                   help="continue an existing study even though its search space or protocol changed")
+    p.add_argument("--evaluate-best", action="store_true",
+                   help="afterwards run best.yaml through fers cv on the outer folds (tag 'tuned')")
+    p.add_argument("--out", help="output folder (default: <cv.storage>/tune-<study>)")
+    p.add_argument("--data-root", help="data.root: folder holding <dataset>/faces.parquet")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray; 'local' forces one)")
+
+
+FLAG_KEYS = {"dataset": "tune.dataset", "trials": "tune.trials", "storage": "tune.storage",
+             "study": "tune.study", "objective": "tune.objective", "sampler": "tune.sampler",
+             "pruner": "tune.pruner", "max_concurrent": "tune.max_concurrent", "epochs": "tune.epochs",
+             "outer_fold": "tune.outer_fold", "inner_folds": "tune.inner_folds", "data_root": "data.root"}
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    flags = {key: getattr(args, name) for name, key in FLAG_KEYS.items() if getattr(args, name, None) is not None}
+    return load_config(args.config, flags or None)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    summary = run_tune(cfg, out=args.out, force=args.force, evaluate_best=args.evaluate_best,
+                       address=args.address, source=args.config or "<defaults>")
+    _stderr(f"tune: study {summary['study']!r}: {summary['counted']}/{cfg.tune.trials} trials "
+            f"(storage {summary['storage']}; view with: optuna-dashboard {summary['storage']})")
+    if summary.get("best_trial") is not None:
+        vals = ", ".join(f"{k}={v:.4f}" for k, v in summary["best_values"].items())
+        _stderr(f"tune: best trial #{summary['best_trial']}: {vals}; wrote {summary['out']}")
+    if "evaluate_best" in summary:
+        e = summary["evaluate_best"]
+        acc = "n/a" if e["mean_accuracy"] is None else f"{e['mean_accuracy']:.4f}"
+        _stderr(f"tune: tuned config on the outer folds (tag 'tuned'): {e['finished']}/{e['runs']} runs finished, "
+                f"mean test accuracy {acc}")
+    return 0 if summary["counted"] >= cfg.tune.trials else 1
+
+
+# -- setup pieces ------------------------------------------------------------------------------
+def trial_epochs(cfg: Config) -> int:
+    return cfg.tune.epochs or cfg.train.epochs
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    t = cfg.tune
+    return {"cpu": t.cpus_per_trial or cfg.cv.cpus_per_run,
+            "gpu": cfg.cv.gpus_per_run if t.gpus_per_trial is None else t.gpus_per_trial}
+
+
+def concurrency(resources: dict[str, float], cluster: dict, requested: int | None) -> int:
+    """Trials the cluster can hold at once; a clear error for GPU asks on a cluster without GPUs."""
+    cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    have = ", ".join(f"{k}={v:g}" for k, v in sorted(cluster.items()) if k in ("CPU", "GPU")) or "nothing"
+    if resources["gpu"] > 0 and gpus == 0:
+        raise FersError(f"tune.gpus_per_trial: each trial asks for {resources['gpu']:g} GPU but the Ray cluster "
+                        f"has no GPUs ({have}); set tune.gpus_per_trial: 0 (or cv.gpus_per_run: 0) to tune on CPUs")
+    if resources["gpu"] > gpus:
+        raise FersError(f"tune.gpus_per_trial: {resources['gpu']:g} GPUs per trial but the cluster has {have}")
+    if resources["cpu"] > cpus:
+        raise FersError(f"tune.cpus_per_trial: {resources['cpu']:g} CPUs per trial but the cluster has {have}")
+    cap = math.floor(cpus / resources["cpu"] + 1e-9)
+    if resources["gpu"] > 0:
+        cap = min(cap, math.floor(gpus / resources["gpu"] + 1e-9))
+    return requested or max(1, cap)
+
+
+def check_data(cfg: Config) -> None:
+    """Fail before Ray starts: the prepared data exists, the outer fold exists, enough subjects remain."""
+    import pyarrow.parquet as pq
+
+    from fers_dist.data.loader import parquet_path
+
+    t = cfg.tune
+    if "://" in cfg.data.root:
+        return
+    path = parquet_path(cfg.data.root, t.dataset)
+    if not path.exists():
+        raise DataError(f"{path}: no prepared {t.dataset} data (run: fers prepare --dataset {t.dataset} "
+                        f"--root RAW --out {cfg.data.root}, or pass --data-root)")
+    cols = pq.read_table(path, columns=["fold", "subject"]).to_pydict()
+    n_folds = max(cols["fold"]) + 1
+    if not t.outer_fold < n_folds:
+        raise FersError(f"tune.outer_fold: {t.outer_fold} is out of range: {path} has folds 0..{n_folds - 1}")
+    subjects = {s for s, f in zip(cols["subject"], cols["fold"]) if f != t.outer_fold}
+    if len(subjects) < t.inner_folds:
+        raise FersError(f"tune.inner_folds: {t.inner_folds} inner folds need {t.inner_folds} training subjects; "
+                        f"outer fold {t.outer_fold} of {path} leaves {len(subjects)}")
+
+
+def make_sampler(name: str, seed: int, multi: bool):
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsgaii":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if multi:
+        raise FersError("tune.sampler: cmaes is single-objective; use tpe or nsgaii for fer+fes / fer-fast")
+    try:
+        import cmaes  # noqa: F401
+    except ImportError:
+        raise FersError("tune.sampler: cmaes needs the 'cmaes' package (pip install cmaes), or use tpe") from None
+    return optuna.samplers.CmaEsSampler(seed=seed)
+
+
+def connect_ray(address: str | None):
+    """Connect to ``address`` / RAY_ADDRESS or start a local Ray, unless one is up. Returns (ray, started)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray, False
+    addr = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=addr, **({} if addr and addr != "local" else {"include_dashboard": False}))
+    return ray, True
+
+
+# -- the run -----------------------------------------------------------------------------------
+def run_tune(cfg: Config, *, out: str | None = None, force: bool = False, evaluate_best: bool = False,
+             address: str | None = None, source: str = "<config>", log=_stderr) -> dict:
+    """Run (or resume) the study of ``cfg.tune`` and write its outputs; returns a summary dict."""
+    from fers_dist.dist import search_space as ss
+    from fers_dist.dist import study as st
+    from fers_dist.dist.objective import OBJECTIVES
+    from fers_dist.dist.tune_outputs import write_outputs
+
+    t = cfg.tune
+    cfg = cfg.with_overrides({"model.variant": t.variant})
+    ss.check_space(cfg, source)
+    feasible = ss.check_feasible(cfg, source)
+    if feasible < 1:
+        log(f"tune: about {1 - feasible:.0%} of the space breaks a config rule; such points are recorded as "
+            f"FAILED trials (stop_reason=invalid_config) and drawn again")
+    metrics = [m for m, _ in OBJECTIVES[t.objective]]
+    modes = [m for _, m in OBJECTIVES[t.objective]]
+    epochs = trial_epochs(cfg)
+    out = out or f"{cfg.cv.storage.rstrip('/')}/tune-{t.study}"
+    if "://" not in out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    storage_url = t.storage or st.default_storage(out)
+    check_data(cfg)
+    storage = st.open_storage(storage_url)
+    study = st.open_study(storage, t.study, cfg, epochs, ["maximize" if m == "max" else "minimize" for m in modes],
+                          force=force, log=log)
+    stale = st.fail_interrupted(study)
+    if stale:
+        log(f"tune: {stale} trial(s) left running by an interrupted run are marked FAILED (stop_reason=interrupted)")
+    done = st.counted(study)
+    remaining = t.trials - done
+    summary = {"study": t.study, "storage": storage_url, "out": out, "counted_before": done}
+    if remaining > 0:
+        if st.enqueue_baseline(study, ss.baseline(cfg)):
+            log("tune: enqueued the config's own values (the baseline) as the next trial")
+        log(f"tune: study {t.study!r} has {done} finished trial(s); running {remaining} more")
+        summary["ray"] = _run_trials(cfg, study, storage, remaining, epochs, metrics, modes, out, address, log)
+    else:
+        log(f"tune: study {t.study!r} already has {done} finished trial(s) (>= {t.trials}); nothing to run")
+    summary["counted"] = st.counted(study)
+    summary.update(write_outputs(study, cfg, out, metrics, log))
+    if evaluate_best and summary.get("best_trial") is not None:
+        summary["evaluate_best"] = evaluate_best_config(summary["written"]["best"], address, log)
+    return summary
+
+
+def _run_trials(cfg: Config, study, storage, n: int, epochs: int, metrics: list[str], modes: list[str],
+                out: str, address: str | None, log) -> dict:
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from fers_dist.dist import study as st
+    from fers_dist.dist.searcher import FersOptunaSearch, ProgressCallback, RecordingASHA, tune_trial
+
+    t, multi = cfg.tune, len(metrics) > 1
+    ray, started = connect_ray(address)
+    try:
+        resources = trial_resources(cfg)
+        max_conc = concurrency(resources, ray.cluster_resources(), t.max_concurrent)
+        scheduler = None
+        if t.pruner == "asha" and multi:
+            log("tune: ASHA is not used for multi-objective studies (a stopped trial would sit on the Pareto "
+                "front with a truncated score); every trial runs all epochs")
+        elif t.pruner == "asha":
+            scheduler = RecordingASHA(time_attr="training_iteration", max_t=epochs,
+                                      grace_period=min(t.grace_period, epochs), reduction_factor=t.reduction_factor)
+        searcher = FersOptunaSearch(
+            base_cfg=cfg, epochs=epochs, scheduler=scheduler, space=_distributions(cfg),
+            metric=metrics if multi else metrics[0], mode=modes if multi else modes[0],
+            sampler=make_sampler(t.sampler, cfg.train.seed * 7919 + len(study.trials), multi),
+            study_name=t.study, storage=storage)
+        run_index = st.record_run(study, {"trials": n, "max_concurrent": max_conc, "resources": resources,
+                                          "pruner": "asha" if scheduler else "none"})
+        devices = resources["gpu"] if resources["gpu"] > 0 else resources["cpu"]
+        trainable = tune.with_resources(
+            tune.with_parameters(tune_trial, base=_worker_config(cfg), outer_fold=t.outer_fold,
+                                 inner_folds=t.inner_folds, epochs=epochs, objective=t.objective,
+                                 devices_held=devices),
+            resources)
+        single = {} if multi else {"metric": metrics[0], "mode": modes[0]}
+        ray_root = f"{out.rstrip('/')}/ray" if "://" in out else str(Path(out).resolve() / "ray")
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_conc),
+                                        scheduler=scheduler, num_samples=n, reuse_actors=True,
+                                        trial_dirname_creator=_trial_dirname, **single),
+            run_config=tune.RunConfig(name=f"{t.study}-run{run_index}", storage_path=ray_root, verbose=0,
+                                      callbacks=[ProgressCallback(n, metrics[0], modes[0])]),
+        )
+        log(f"tune: {n} trial(s), {max_conc} at a time, {resources} each, {epochs} epochs x "
+            f"{t.inner_folds} inner folds, sampler {t.sampler}, pruner {'asha' if scheduler else 'none'}")
+        t0 = time.perf_counter()
+        grid = tuner.fit()
+        fit_s = time.perf_counter() - t0
+        errors = [r.error for r in grid if r.error is not None]
+        for e in errors[:3]:
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            log(f"tune: a trial failed: {type(e).__name__}: {last}")
+        return {"ray_trials": len(grid), "errors": len(errors), "rejected_points": searcher.rejected,
+                "asha_stopped": len(scheduler.stopped_early) if scheduler else 0, "max_concurrent": max_conc,
+                "fit_s": fit_s, "experiment": f"{ray_root}/{t.study}-run{run_index}"}
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _worker_config(cfg: Config) -> dict:
+    """The base config the trials get: a local data.root made absolute (workers run elsewhere)."""
+    base = cfg.model_dump(mode="json")
+    if "://" not in base["data"]["root"]:
+        base["data"]["root"] = str(Path(base["data"]["root"]).resolve())
+    return base
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"  # short: the params are in the study, not in path names
+
+
+def _distributions(cfg: Config) -> dict:
+    from fers_dist.dist.search_space import distributions
+
+    return distributions(cfg.tune.space)
+
+
+def evaluate_best_config(best_yaml: str, address: str | None, log) -> dict:
+    """Run the tuned config through the normal ``fers cv`` on the outer folds, tagged "tuned", so the
+    tuned and the paper's runs sit side by side in the same experiment's folds.parquet."""
+    from fers_dist.dist.cv import run_cv
+
+    tuned = load_config(best_yaml)
+    log(f"tune: --evaluate-best: fers cv --config {best_yaml} --tag tuned")
+    frame = run_cv(tuned, tag="tuned", address=address)
+    mine = frame[(frame["tag"] == "tuned") & (frame["config_hash"] == tuned.hash())] if len(frame) else frame
+    done = mine[mine["status"] == "finished"] if len(mine) else mine
+    return {"runs": int(len(mine)), "finished": int(len(done)),
+            "mean_accuracy": float(done["accuracy"].mean()) if len(done) else None}
