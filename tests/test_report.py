@@ -234,5 +234,5 @@ def test_synthesis_grid_without_the_faces_is_skipped_with_a_note(report, tmp_pat
     res = build_report(exp, tmp_path / "r", data_root=tmp_path / "no-data")
     assert not [p for p in res["figures"] if p.name.startswith("synthesis_")]
     note = [n for n in res["notes"] if n.startswith("synthesis figure skipped")]
-    assert note and f"{tmp_path / 'no-data'}: no prepared dataset" in note[0]
+    assert note and f"{tmp_path / 'no-data' / 'ckplus' / 'faces.parquet'}: no prepared dataset" in note[0]
     assert note[0] in res["html"].read_text()
