@@ -189,3 +189,17 @@ def test_experiment_resumes_after_the_driver_dies(tiny_cfg, prepared_data, tmp_p
     assert sorted(after["fold"]) == [0, 1, 2, 3] and (after["status"] == "finished").all()
     kept = after.set_index("fold").loc[list(before["fold"]), "finished_at"]
     assert list(kept) == list(before["finished_at"])  # finished runs were not re-run
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_data_parallel_run_trains_one_fold_on_two_workers(tiny_cfg, prepared_data, tmp_path, ray_session):
+    """workers_per_run=2: two Train workers (a gloo group) share one fold and the driver writes one row."""
+    cfg = cv_cfg(tiny_cfg, prepared_data, tmp_path, datasets=["ckplus"], variants=["original"], folds=[0],
+                 workers_per_run=2, gpus_per_run=0, cpus_per_run=1)
+    frame = run_cv(cfg)
+    assert len(frame) == 1 and frame.iloc[0]["status"] == "finished"
+    assert frame.iloc[0]["epochs_run"] == cfg.train.epochs
+    ckdir = tmp_path / cfg.cv.experiment / "checkpoints" / "ckplus-original-f0"
+    pids = {(ckdir / f).read_text() for f in ("worker.pid", "worker1.pid")}
+    assert len(pids) == 2 and (ckdir / "main.pt").exists()

@@ -42,6 +42,7 @@ def train_func(config: dict) -> None:
     report_fn = ray.tune.report if local_mode else ray.train.report
     Checkpoint = ray.tune.Checkpoint if local_mode else ray.train.Checkpoint
     get_checkpoint = ray.tune.get_checkpoint if local_mode else ray.train.get_checkpoint
+    rank = 0 if local_mode else ray.train.get_context().get_world_rank()  # > 0 only for data parallel
 
     cfg = parse_config(config["cfg"], source="run config")
     storage, remote = config["storage"], is_remote(config["storage"])
@@ -55,7 +56,7 @@ def train_func(config: dict) -> None:
     else:
         ckdir = Path(checkpoint_home(storage, config["experiment"], name))
     ckdir.mkdir(parents=True, exist_ok=True)
-    (ckdir / "worker.pid").write_text(str(os.getpid()))  # lets the fault-tolerance test find us
+    (ckdir / f"worker{rank or ''}.pid").write_text(str(os.getpid()))  # the fault-tolerance test finds us
 
     def report(metrics: dict, saved: str | None) -> None:
         attach = Checkpoint.from_directory(str(ckdir)) if saved and remote else None
@@ -67,7 +68,7 @@ def train_func(config: dict) -> None:
     row = result_row(result, experiment=config["experiment"], tag=config["tag"],
                      checkpoint_uri="" if remote else str(ckdir), config=config["cfg"])
     final = {"run": name, "final": True, "test_accuracy": result.accuracy, "fold_result": json.dumps(row)}
-    report_fn(final, checkpoint=Checkpoint.from_directory(str(ckdir)) if remote else None)
+    report_fn(final, checkpoint=Checkpoint.from_directory(str(ckdir)) if remote and rank == 0 else None)
 
 
 def fold_trial(config: dict) -> None:

@@ -3,6 +3,12 @@
 No framework magic: one generator optimiser over FERSNet (eq. 10 is one loss over the whole network), one
 over the conditional discriminator, alternating D and G steps. Data and augmentation stay on the device;
 losses are accumulated as tensors and read back once per ``log_every`` steps and at the end of an epoch.
+
+Data parallel (``cv.workers_per_run > 1``: Ray Train starts the workers and the torch.distributed group):
+every rank draws the same global batch, augmentation and targets from the same seeded generator, trains
+on its own slice ``[rank::world]``, and averages gradients with one all-reduce per optimiser step, so the
+ranks' weights never drift apart. BatchNorm statistics are per rank and synced from rank 0 once per
+epoch; rank 0 alone writes checkpoints. Outside torch.distributed (or with one worker) nothing changes.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from fers_dist.config import Config
@@ -25,6 +32,13 @@ from fers_dist.train.identity import build_identity
 from fers_dist.train.schedule import make_scheduler
 
 Report = Callable[[dict, "str | None"], None]
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) under an initialised torch.distributed group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class Trainer:
@@ -42,6 +56,10 @@ class Trainer:
         self.device = train.images.device
         self.E = train.num_classes
         self.epochs = epochs or cfg.train.epochs
+        self.rank, self.world = dist_rank_world()
+        if self.world > 1 and min(cfg.train.batch_size, len(train)) < 2 * self.world:
+            raise ValueError(f"train.batch_size={cfg.train.batch_size}: data parallel over {self.world} "
+                             f"workers needs at least 2 faces per worker per batch (BatchNorm)")
         self.model = model if model is not None else build_model(cfg.model, self.E).to(self.device)
         self.full = objective == "full" and getattr(self.model, "has_fes", False)
         self.amp = cfg.train.amp and self.device.type == "cuda"
@@ -76,7 +94,11 @@ class Trainer:
     def step(self, idx: torch.Tensor, lam: dict[str, float], sums: dict[str, torch.Tensor]) -> None:
         cfg, tr, crop = self.cfg, self.train_set, self.cfg.model.input_size
         aff = sample_augmentation(idx.numel(), tr.images.shape[-1], crop, cfg.data.rotations,
-                                  cfg.data.mirror, self.g, self.device)
+                                  cfg.data.mirror, self.g, self.device)  # for the global batch
+        if self.full:
+            y_t, t_idx = self.sampler.sample(idx, self.g)
+            y_t, t_idx = self._shard(y_t), self._shard(t_idx)
+        idx, aff = self._shard(idx), self._shard(aff)
         x, y = self._input(tr.images[idx], aff), tr.labels[idx]
         if not self.full:
             with autocast(self.device, self.amp):
@@ -85,7 +107,6 @@ class Trainer:
             self._update(self.opt_g, loss)
             self._accumulate(sums, {"cls": loss}, terms_total, logits, y)
             return
-        y_t, t_idx = self.sampler.sample(idx, self.g)
         x_t = self._input(tr.images[t_idx], aff)  # same crop/rotation/mirror as the source
         onehot, onehot_t = F.one_hot(y, self.E).float(), F.one_hot(y_t, self.E).float()
         with autocast(self.device, self.amp):
@@ -117,11 +138,26 @@ class Trainer:
         x = apply_augmentation(images, aff, self.cfg.model.input_size)
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
 
-    @staticmethod
-    def _update(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    def _shard(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.world == 1 else t[self.rank::self.world]
+
+    def _update(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:  # the mean gradient over the global batch, as one process would compute it
+            grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
         opt.step()
+
+    def _sync_buffers(self) -> None:
+        """BatchNorm running statistics from rank 0, so every rank evaluates and saves the same model."""
+        for module in (self.model, self.D):
+            for buf in (module.buffers() if module is not None else ()):
+                dist.broadcast(buf, src=0)
 
     @staticmethod
     def _accumulate(sums, terms, loss, logits, y) -> None:
@@ -157,7 +193,7 @@ class Trainer:
             self.history.append(metrics)
             last = stop or epoch == self.epochs - 1
             saved = None
-            if checkpoint and (last or (epoch + 1) % cfg.train.checkpoint_every == 0):
+            if checkpoint and self.rank == 0 and (last or (epoch + 1) % cfg.train.checkpoint_every == 0):
                 save_checkpoint(checkpoint, epoch=epoch, modules=self.modules(), generator=self.g,
                                 history=self.history, extra={"best": best, "waited": waited, "stopped": stop})
                 saved = str(checkpoint)
@@ -180,6 +216,8 @@ class Trainer:
             self.step(perm[s * bs:(s + 1) * bs], lam, sums)
             if cfg.train.log_every and (s + 1) % cfg.train.log_every == 0:
                 self.log(f"epoch {epoch} step {s + 1}/{n_steps} loss {float(sums['loss']) / (s + 1):.4f}")
+        if self.world > 1:
+            self._sync_buffers()
         lr = self.opt_g.param_groups[0]["lr"]
         for sch in (self.sched_g, self.sched_d):
             if sch is not None:
@@ -187,10 +225,15 @@ class Trainer:
         return self._epoch_metrics(epoch, lr, lam, sums, n_steps * bs, n_steps, time.perf_counter() - t0)
 
     def _epoch_metrics(self, epoch, lr, lam, sums, n_images, n_steps, seconds) -> dict:
-        keys = [k for k in sums if k != "correct"]
-        values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]).tolist()
+        keys = [k for k in sums if k != "correct"] + ["correct"]
+        values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=self.device) for k in keys])
+        if self.world > 1:  # losses: mean over ranks; correct: summed over the global batch
+            dist.all_reduce(values)
+            values[:-1] /= self.world
+        *values, correct = values.tolist()
+        keys = keys[:-1]
         m = {"epoch": epoch, "lr": lr, "lam_idt": lam["idt"],
-             "train_accuracy": float(sums["correct"]) / n_images, "epoch_s": seconds,
+             "train_accuracy": correct / n_images, "epoch_s": seconds,
              "images_per_s": n_images / seconds}
         m.update({f"loss_{k}" if k not in ("loss", "d_loss") else k: v / n_steps for k, v in zip(keys, values)})
         return m

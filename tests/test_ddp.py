@@ -1,0 +1,88 @@
+"""Data-parallel training (cv.workers_per_run > 1) in plain torch.distributed: two gloo processes on this
+machine stand in for the Ray Train workers, which set up the same process group."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from test_train import decode_index, tagged_faces
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, cfg_dict: dict, out: str) -> None:
+    from fers_dist.config import parse_config
+    from fers_dist.train.trainer import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        class Recording(Trainer):
+            calls: list = []
+
+            def _input(self, images, aff):
+                self.calls.append(sorted(decode_index(images)))
+                return super()._input(images, aff)
+
+        cfg = parse_config(cfg_dict, source="test")
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        trainer = Recording(cfg, tagged_faces(), g, log=lambda m: None)
+        trainer.fit(checkpoint=os.path.join(out, f"r{rank}", "main.pt"))
+        torch.save({"model": trainer.model.state_dict(), "D": trainer.D.state_dict(),
+                    "history": trainer.history, "sources": Recording.calls[0::2]},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, demo_cfg):
+    cfg = demo_cfg.with_overrides({"train.epochs": 2, "train.checkpoint_every": 1, "train.batch_size": 16,
+                                   "identity.backbone": "none"})
+    out = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(_rank_main, args=(_free_port(), cfg.model_dump(mode="json"), str(out)),
+                       nprocs=WORLD, start_method="spawn", join=True)
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)], cfg
+
+
+def test_ranks_train_disjoint_halves_of_each_global_batch(ranks):
+    _, (r0, r1), cfg = ranks
+    assert len(r0["sources"]) == len(r1["sources"]) > 0
+    for a, b in zip(r0["sources"], r1["sources"]):
+        assert len(a) == len(b) == cfg.train.batch_size // WORLD
+        assert not set(a) & set(b)
+
+
+def test_ranks_end_with_identical_weights_and_buffers(ranks):
+    _, (r0, r1), _ = ranks
+    for net in ("model", "D"):
+        assert r0[net].keys() == r1[net].keys()
+        for k in r0[net]:
+            assert torch.equal(r0[net][k], r1[net][k]), f"{net}.{k} differs between ranks"
+
+
+def test_epoch_metrics_are_global_and_agree(ranks):
+    _, (r0, r1), cfg = ranks
+    assert [h["loss"] for h in r0["history"]] == [h["loss"] for h in r1["history"]]
+    assert [h["train_accuracy"] for h in r0["history"]] == [h["train_accuracy"] for h in r1["history"]]
+    n = len(tagged_faces())
+    assert all(h["images_per_s"] * h["epoch_s"] == pytest.approx((n // 16) * 16) for h in r0["history"])
+
+
+def test_only_rank_zero_writes_checkpoints(ranks):
+    out, _, _ = ranks
+    assert (out / "r0" / "main.pt").exists() and not (out / "r1" / "main.pt").exists()
