@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", default="paper", help="row tag, e.g. 'tuned' for runs with tuned λ")
     p.add_argument("--workers-per-run", type=int, help="override cv.workers_per_run (0 = local mode)")
     p.add_argument("--gpus-per-run", type=float, help="override cv.gpus_per_run (0.25 packs 4 per GPU)")
+    p.add_argument("--cpus-per-run", type=float, help="override cv.cpus_per_run (split across the run's workers)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimates; start nothing")
     p.add_argument("--images-per-s", type=float,
@@ -57,7 +58,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         overrides["cv.folds"] = "all" if args.folds == "all" else [_int(f, "--folds") for f in split(args.folds)]
     for flag, key in (("storage", "cv.storage"), ("data_root", "data.root"), ("experiment", "cv.experiment"),
                       ("resume", "cv.experiment"), ("workers_per_run", "cv.workers_per_run"),
-                      ("gpus_per_run", "cv.gpus_per_run")):
+                      ("gpus_per_run", "cv.gpus_per_run"), ("cpus_per_run", "cv.cpus_per_run")):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
     return load_config(args.config, overrides)
@@ -125,7 +126,7 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", addre
     """Run every unfinished run of ``cfg``'s grid; returns the experiment's folds.parquet as a frame."""
     import ray
 
-    from fers_dist.dist.resources import describe, plan_resources
+    from fers_dist.dist.resources import describe, free_resources, plan_resources
     from fers_dist.results import folds_uri, read_folds
 
     cfg = absolute(cfg)
@@ -137,8 +138,9 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", addre
         todo = [r for r in runs if (r.dataset, r.variant, r.fold) not in done]
         print(f"fers cv: {experiment}: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
               f"{len(todo)} to run", file=sys.stderr)
-        res = plan_resources(cfg.cv, ray.cluster_resources(), len(todo) or None)
-        print(f"fers cv: {describe(res, ray.cluster_resources())}", file=sys.stderr)
+        free = free_resources()
+        res = plan_resources(cfg.cv, free, len(todo) or None)
+        print(f"fers cv: {describe(res, free)}", file=sys.stderr)
         first = [r for r in todo if r.variant != "fes_da"]
         second = [r for r in todo if r.variant == "fes_da"]
         for wave in (first, second):

@@ -30,8 +30,18 @@ class RunResources:
         return self.worker.get("GPU", 0) > 0 or self.trial.get("gpu", 0) > 0
 
 
+def free_resources() -> dict:
+    """CPUs and GPUs this driver can still get: the cluster's totals less what is held now. A job submitted
+    with ``fers submit`` holds ``--num-cpus`` (default 1) for its own entrypoint, and other jobs may hold
+    more; planning on the totals would start runs whose Train workers can never be placed."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    return {k: min(float(total.get(k, 0)), float(free.get(k, 0))) for k in ("CPU", "GPU")}
+
+
 def plan_resources(cv: CVConfig, cluster: dict, n_runs: int | None = None) -> RunResources:
-    """Resources per run and the concurrency cap for ``cluster`` (``ray.cluster_resources()``)."""
+    """Resources per run and the concurrency cap for ``cluster`` (``free_resources()``)."""
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     if cv.gpus_per_run > 0 and gpus == 0:
         raise FersError(f"cv.gpus_per_run={cv.gpus_per_run} but the cluster has no GPUs "
@@ -51,7 +61,7 @@ def plan_resources(cv: CVConfig, cluster: dict, n_runs: int | None = None) -> Ru
         run_cpu = DRIVER_CPU + cv.cpus_per_run
     if run_cpu > cpus:
         raise FersError(f"cv.cpus_per_run={cv.cpus_per_run} (+{trial['cpu']} for the driver) exceeds the "
-                        f"cluster's {cpus:g} CPUs")
+                        f"{cpus:g} CPUs free on the cluster (a submitted job's entrypoint holds its --num-cpus)")
     fit = math.floor(cpus / run_cpu + 1e-9)
     if cv.gpus_per_run:
         fit = min(fit, math.floor(gpus / cv.gpus_per_run + 1e-9))
@@ -63,5 +73,5 @@ def plan_resources(cv: CVConfig, cluster: dict, n_runs: int | None = None) -> Ru
 def describe(res: RunResources, cluster: dict) -> str:
     per = (f"{res.workers} worker(s) x {res.worker}" if res.workers
            else f"local mode in the trial, {res.trial}")
-    return (f"{res.max_concurrent} run(s) at once on {cluster.get('CPU', 0):g} CPUs / "
-            f"{cluster.get('GPU', 0):g} GPUs; each run: {per}")
+    return (f"{res.max_concurrent} run(s) at once on {cluster.get('CPU', 0):g} free CPUs / "
+            f"{cluster.get('GPU', 0):g} free GPUs; each run: {per}")

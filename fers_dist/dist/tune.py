@@ -219,13 +219,14 @@ def _run_trials(cfg: Config, study, storage, n: int, epochs: int, metrics: list[
     from ray.tune.search import ConcurrencyLimiter
 
     from fers_dist.dist import study as st
+    from fers_dist.dist.resources import free_resources
     from fers_dist.dist.searcher import FersOptunaSearch, ProgressCallback, RecordingASHA, tune_trial
 
     t, multi = cfg.tune, len(metrics) > 1
     ray, started = connect_ray(address)
     try:
         resources = trial_resources(cfg)
-        max_conc = concurrency(resources, ray.cluster_resources(), t.max_concurrent)
+        max_conc = concurrency(resources, free_resources(), t.max_concurrent)
         scheduler = None
         if t.pruner == "asha" and multi:
             log("tune: ASHA is not used for multi-objective studies (a stopped trial would sit on the Pareto "
