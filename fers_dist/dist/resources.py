@@ -30,14 +30,26 @@ class RunResources:
         return self.worker.get("GPU", 0) > 0 or self.trial.get("gpu", 0) > 0
 
 
-def free_resources() -> dict:
-    """CPUs and GPUs this driver can still get: the cluster's totals less what is held now. A job submitted
+def free_resources(settle_s: float = 5.0) -> dict:
+    """CPUs and GPUs this driver can still get: the cluster's totals less what is held. A job submitted
     with ``fers submit`` holds ``--num-cpus`` (default 1) for its own entrypoint, and other jobs may hold
-    more; planning on the totals would start runs whose Train workers can never be placed."""
+    more; planning on the totals would start runs whose Train workers can never be placed. Actors that
+    just finished (Ray Data's pool after ``fers prepare``) release their CPUs a moment later, so this waits
+    up to ``settle_s`` for the free count to reach the totals and keeps the largest count it saw."""
+    import time
+
     import ray
 
-    total, free = ray.cluster_resources(), ray.available_resources()
-    return {k: min(float(total.get(k, 0)), float(free.get(k, 0))) for k in ("CPU", "GPU")}
+    total = ray.cluster_resources()
+    best = {"CPU": 0.0, "GPU": 0.0}
+    deadline = time.monotonic() + settle_s
+    while True:
+        free = ray.available_resources()
+        for k in best:
+            best[k] = max(best[k], min(float(total.get(k, 0)), float(free.get(k, 0))))
+        if all(best[k] >= float(total.get(k, 0)) for k in best) or time.monotonic() > deadline:
+            return best
+        time.sleep(0.25)
 
 
 def plan_resources(cv: CVConfig, cluster: dict, n_runs: int | None = None) -> RunResources:
