@@ -1,0 +1,56 @@
+"""`fers demo`: its output-folder rule, and the quick pipeline end to end at a reduced size."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fers_dist.demo import MARKER, _fresh_out
+from fers_dist.errors import FersError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fresh_out_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "thesis.tex").write_text("precious")
+    with pytest.raises(FersError, match="not made by fers demo"):
+        _fresh_out(tmp_path)
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_too_few_subjects_for_the_folds_is_refused_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fers_dist.cli", "demo", "--subjects", "4", "--out",
+                           str(tmp_path / "d")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "--subjects 4" in proc.stderr and "10 subjects" in proc.stderr
+    assert not (tmp_path / "d" / "raw").exists()
+
+
+def test_fresh_out_empties_a_previous_demo(tmp_path):
+    out = tmp_path / "demo"
+    _fresh_out(out)
+    (out / "results").mkdir()
+    (out / "results" / "old.parquet").write_text("old")
+    _fresh_out(out)
+    assert sorted(p.name for p in out.iterdir()) == [MARKER]
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end(tmp_path, demo_cfg):
+    """The README's main job, shrunk (10 subjects, 2 epochs per run, 1 trial): every run finishes, the
+    report is written and the summary names it. Learning itself is test_train's learning check."""
+    from fers_dist.config import dump_config
+
+    config = tmp_path / "demo-2ep.yaml"
+    dump_config(demo_cfg.with_overrides({"train.epochs": 2, "tune.epochs": 2, "tune.grace_period": 1}), config)
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "fers_dist.cli", "demo", "--quick", "--subjects", "10",
+                           "--trials", "1", "--config", str(config), "--out", str(out)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "results" / "demo" / "folds.parquet").is_file()
+    html = out / "results" / "demo" / "report" / "report.html"
+    assert "<img" in html.read_text() and "<table" in html.read_text()
+    assert f"report:    {html}" in proc.stdout and "learning check: original on synthetic ckplus" in proc.stdout
