@@ -341,3 +341,15 @@ def test_job_entry_point_runs_fers_tune():
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "tune_lambdas.py"), "--help"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--trials" in r.stdout and "--evaluate-best" in r.stdout
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "tune.yaml"])
+def test_shipped_configs_baseline_lies_in_their_search_space(name):
+    """Each shipped config's own values are enqueued as a study's first trial: they must be in tune.space."""
+    from pathlib import Path
+
+    from fers_dist.config import load_config
+    from fers_dist.dist.search_space import check_space
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "configs" / name
+    check_space(load_config(path), str(path))
