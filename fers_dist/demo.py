@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from fers_dist.errors import FersError
+
 DEMO_YAML = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
 CHANCE = {"ckplus": 1 / 7, "oulu": 1 / 6}
 
@@ -48,8 +50,6 @@ def _fresh_out(out: Path) -> None:
     """A re-run starts clean: a folder this demo made before is emptied; any other non-empty folder is refused."""
     import shutil
 
-    from fers_dist.errors import FersError
-
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise FersError(f"--out {out}: the folder is not empty and was not made by fers demo; "
@@ -82,8 +82,6 @@ def run(args: argparse.Namespace) -> int:
         "cv.variants": variants, "cv.folds": "all", "tune.dataset": "ckplus", "tune.trials": trials,
         "tune.storage": None})
     if args.subjects < cfg.data.n_folds:
-        from fers_dist.errors import FersError
-
         raise FersError(f"--subjects {args.subjects}: identity-independent {cfg.data.n_folds}-fold CV needs at "
                         f"least {cfg.data.n_folds} subjects per dataset")
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
