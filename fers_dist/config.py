@@ -103,7 +103,7 @@ class TrainConfig(_Section):
     log_every: int = Field(50, ge=1, description="steps between host syncs for logging")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     amp: bool = Field(True, description="bf16 autocast on CUDA (CPU stays float32)")
-    channels_last: bool = True
+    channels_last: bool = Field(True, description="NHWC activations and weights (faster on CUDA and CPU)")
     compile: bool = False
     inner_val_fraction: float = Field(
         0.0, ge=0, lt=1, description="share of TRAINING subjects held out for early stopping"

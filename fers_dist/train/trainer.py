@@ -13,6 +13,7 @@ epoch; rank 0 alone writes checkpoints. Outside torch.distributed (or with one w
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,21 @@ from fers_dist.train.identity import build_identity
 from fers_dist.train.schedule import make_scheduler
 
 Report = Callable[[dict, "str | None"], None]
+
+
+@contextlib.contextmanager
+def running_stats_frozen(module: torch.nn.Module):
+    """BatchNorm still normalises with the batch's statistics (so gradients are unchanged) but does not
+    fold them into its running statistics, which test-time inference uses."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -63,7 +79,7 @@ class Trainer:
         self.model = model if model is not None else build_model(cfg.model, self.E).to(self.device)
         self.full = objective == "full" and getattr(self.model, "has_fes", False)
         self.amp = cfg.train.amp and self.device.type == "cuda"
-        if self.device.type == "cuda" and cfg.train.channels_last:
+        if cfg.train.channels_last:  # faster on CUDA and on CPU (oneDNN), measured in docs/BENCHMARKS.md
             self.model = self.model.to(memory_format=torch.channels_last)
         opt_kw = dict(betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
         sched = cfg.schedule if lr is None else cfg.schedule.model_copy(update={"lr_start": lr, "lr_end": lr})
@@ -125,7 +141,8 @@ class Trainer:
                 terms["adv"] = gan_loss(self.D(fake, onehot_t).float(), True, cfg.loss.gan)  # eq. 6
         with autocast(self.device, self.amp):
             terms["rec"] = rec_loss(fake.float(), x_t)  # eq. 7
-            terms["cyc"] = cyc_loss(self.step_model(fake, onehot).image.float(), x)  # eq. 8
+            with running_stats_frozen(self.model):  # test faces are real: keep fakes out of BN statistics
+                terms["cyc"] = cyc_loss(self.step_model(fake, onehot).image.float(), x)  # eq. 8
             if self.identity is not None and lam["idt"] > 0:
                 terms["idt"] = idt_loss(self.identity(fake).float(), self.identity(x_t).float())  # eq. 9
         loss = total_loss(terms, lam)  # eq. 10
@@ -136,7 +153,7 @@ class Trainer:
 
     def _input(self, images: torch.Tensor, aff: torch.Tensor) -> torch.Tensor:
         x = apply_augmentation(images, aff, self.cfg.model.input_size)
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
 
     def _shard(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.world == 1 else t[self.rank::self.world]
