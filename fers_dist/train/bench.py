@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="L_idt network (subject_encoder: LightCNN-9 at 0.25 width trained 1 epoch first)")
     p.add_argument("--compile", action="store_true", help="torch.compile the generator")
     p.add_argument("--no-amp", action="store_true", help="float32 on CUDA (default: bf16 autocast)")
+    p.add_argument("--no-channels-last", action="store_true", help="NCHW tensors (default: channels_last)")
 
 
 def _faces(n: int, size: int, E: int, device):
@@ -53,6 +54,7 @@ def bench(args: argparse.Namespace) -> dict:
     cfg = Config().model_copy(deep=True).with_overrides({
         "model.width": args.width, "model.input_size": args.input_size, "data.aligned_size": aligned,
         "train.batch_size": args.batch, "train.compile": args.compile, "train.amp": not args.no_amp,
+        "train.channels_last": not args.no_channels_last,
         "identity.backbone": args.identity, "identity.encoder_epochs": 1, "identity.encoder_width": 0.25,
         "train.device": str(device), "train.log_every": 10**9})
     E = 7
@@ -78,7 +80,7 @@ def bench(args: argparse.Namespace) -> dict:
     ips = args.steps * args.batch / seconds
     out = {"bench": "train", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "width": args.width, "input_size": args.input_size, "batch": args.batch,
-           "amp_bf16": trainer.amp, "compile": args.compile, "identity": args.identity,
+           "amp_bf16": trainer.amp, "compile": args.compile, "channels_last": not args.no_channels_last, "identity": args.identity,
            "images_per_s": round(ips, 2), "step_ms": round(1000 * seconds / args.steps, 2),
            "tflop_per_image_counted": round(flops_per_image / 1e12, 4),
            "achieved_tflops": round(ips * flops_per_image / 1e12, 3)}
