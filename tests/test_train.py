@@ -3,6 +3,8 @@ real faces only, clear errors. (The learning check on the demo's data is in test
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -126,22 +128,15 @@ def test_cycle_pass_keeps_fakes_out_of_batchnorm_running_stats(tiny_cfg, monkeyp
     faces = tagged_faces()
     calls = []
 
-    def spy(module):
+    @contextlib.contextmanager
+    def spy(module):  # the real context manager, checked from inside and after
         norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         before = [m.running_mean.clone() for m in norms]
-        cm = real(module)
-
-        class Checked:
-            def __enter__(self):
-                cm.__enter__()
-                assert all(m.momentum == 0.0 for m in norms)
-
-            def __exit__(self, *exc):
-                cm.__exit__(*exc)
-                calls.append(all(torch.equal(b, m.running_mean) for b, m in zip(before, norms)))
-                assert all(m.momentum == 0.1 for m in norms)  # restored
-
-        return Checked()
+        with real(module):
+            assert all(m.momentum == 0.0 for m in norms)
+            yield
+        calls.append(all(torch.equal(b, m.running_mean) for b, m in zip(before, norms)))
+        assert all(m.momentum == 0.1 for m in norms)  # restored
 
     real = trainer_mod.running_stats_frozen
     monkeypatch.setattr(trainer_mod, "running_stats_frozen", spy)

@@ -80,7 +80,8 @@ def bench(args: argparse.Namespace) -> dict:
     ips = args.steps * args.batch / seconds
     out = {"bench": "train", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "width": args.width, "input_size": args.input_size, "batch": args.batch,
-           "amp_bf16": trainer.amp, "compile": args.compile, "channels_last": not args.no_channels_last, "identity": args.identity,
+           "amp_bf16": trainer.amp, "compile": args.compile, "channels_last": not args.no_channels_last,
+           "identity": args.identity,
            "images_per_s": round(ips, 2), "step_ms": round(1000 * seconds / args.steps, 2),
            "tflop_per_image_counted": round(flops_per_image / 1e12, 4),
            "achieved_tflops": round(ips * flops_per_image / 1e12, 3)}
