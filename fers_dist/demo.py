@@ -7,6 +7,7 @@ Everything runs on one embedded Ray instance with the tiny model of jobs/configs
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,8 +62,6 @@ def _fresh_out(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     import ray
 
     # Tune's per-trial CSV/JSON/TensorBoard writers cost the driver ~0.3 s of CPU per fold run, which on a
