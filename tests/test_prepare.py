@@ -229,3 +229,32 @@ def test_fers_prepare_cli_on_mmi_then_bench(tmp_path, ray_session, capsys):
     result = bench.bench(p.parse_args(["--images", "40", "--image-size", "128", "--batch-size", "8"]))
     assert result["images"] == 40 and result["serial_images_per_s"] > 0 and result["ray_images_per_s"] > 0
     assert result["speedup"] == pytest.approx(result["serial_s"] / result["ray_s"], rel=0.05, abs=0.01)
+    if os.path.exists("/proc/stat"):  # where the CPU went: the loop in the driver, the faces in map workers
+        assert result["serial_cpu_s"][0]["driver"] > 0 and result["ray_cpu_s"][0]["map_workers"] > 0
+    # Several sizes: one entry per size, and the fitted break-even sizes.
+    plot = tmp_path / "scaling.png"
+    sweep = bench.bench(p.parse_args(["--images", "40", "16", "--image-size", "128", "--batch-size", "8",
+                                      "--plot", str(plot)]))
+    assert [r["images"] for r in sweep["sizes"]] == [16, 40]
+    assert {"ray_fixed_s", "ray_ms_per_image", "serial_ms_per_image", "images_for_1.5x"} <= set(sweep["fit"])
+    from fers_dist.report.figures import SIZES, png_size
+
+    assert png_size(plot) == SIZES["scaling"]
+
+
+def test_bench_prepare_break_even_fit():
+    from fers_dist.data.bench import break_even
+
+    # serial 3 ms/face; Ray 2 s fixed + 1.5 ms/face: 1.5x at 1.5*2/(0.003-0.00225) = 4,000 faces, never 2x.
+    fit = break_even([1000, 2000, 4000], [3.0, 6.0, 12.0], [3.5, 5.0, 8.0])
+    assert fit["ray_fixed_s"] == pytest.approx(2.0) and fit["ray_ms_per_image"] == pytest.approx(1.5)
+    assert fit["images_for_1.5x"] == 4000 and fit["images_for_2x"] is None and fit["speedup_unlimited"] == 2.0
+    assert break_even([1000, 2000], [3.0, 6.0], [3.5, 6.5])["images_for_1.5x"] is None  # no faster per face
+
+
+def test_bench_prepare_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    for argv, says in ((["--images", "0"], "--images must be positive"),
+                       (["--plot", str(tmp_path / "p.png")], "--plot needs at least two --images sizes")):
+        assert cli_main(["bench", "prepare", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and err.count("\n") == 0

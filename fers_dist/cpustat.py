@@ -1,0 +1,123 @@
+"""Where the CPU went while a block of code ran, for the benchmarks.
+
+``with CPUAccount() as acc: ...`` then ``acc.summary()`` gives the machine's busy CPU-seconds (from
+``/proc/stat``, exact) and the CPU-seconds of each process that ran meanwhile, summed by role:
+
+- ``driver``: this process;
+- ``map_workers``: Ray Data's map workers (``ray::MapWorker(...)`` actors and ``ray::MapBatches``
+  tasks), start-up included;
+- ``ray_data_internal``: Ray Data's own helper actors, started on a session's first dataset
+  (``_StatsActor``, ``_AutoscalingCoordinatorActor``, ``ActorLocationTracker``);
+- ``ray_workers_other``: any other Ray worker (idle pool workers, other actors);
+- ``ray_system``: Ray's daemons (raylet, GCS, agents, log monitor);
+- ``other``: everything else on the machine (on a shared machine: other people's work).
+
+Processes are sampled from a thread every ``interval`` seconds, so one that exits between two samples
+loses at most that much of its CPU. Linux only (it reads ``/proc``); elsewhere ``summary()`` is ``{}``.
+Ray-free: it only reads process names.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+_PROC = Path("/proc")
+RAY_DATA_INTERNAL = ("ray::_StatsActor", "ray::_AutoscalingCoordinatorActor", "ray::ActorLocationTracker")
+
+
+def available() -> bool:
+    return (_PROC / "stat").is_file()
+
+
+def machine_busy_s() -> float:
+    """CPU-seconds spent not idle (user + nice + system + irq + softirq + steal) since boot, all CPUs."""
+    f = (_PROC / "stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _sample() -> dict[int, tuple[float, str]]:
+    """pid -> (CPU-seconds so far, command line) for every readable process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for d in _PROC.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # exited while we looked
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; utime, stime are fields 14, 15
+        out[int(d.name)] = ((int(fields[11]) + int(fields[12])) / tick, cmd)
+    return out
+
+
+def role(pid: int, cmd: str, driver: int) -> str:
+    if pid == driver:
+        return "driver"
+    if cmd.startswith(("ray::MapWorker", "ray::MapBatches")):
+        return "map_workers"
+    if cmd.startswith(RAY_DATA_INTERNAL):
+        return "ray_data_internal"
+    if cmd.startswith("ray::"):
+        return "ray_workers_other"
+    if "/ray/" in cmd or "ray/core/src" in cmd:
+        return "ray_system"
+    return "other"
+
+
+class CPUAccount:
+    """Context manager: per-role CPU-seconds and the machine's busy CPU-seconds over its block."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval = interval
+        self._ok = available()
+        self._base: dict[int, float] = {}
+        self._last: dict[int, tuple[float, str]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._busy = 0.0
+
+    def _update(self) -> None:
+        for pid, (cpu, cmd) in _sample().items():
+            old = self._last.get(pid)
+            # Keep the most telling name: a Ray worker shows "ray::IDLE" before its actor starts.
+            if old and (not cmd or cmd.startswith("ray::IDLE")):
+                cmd = old[1]
+            self._last[pid] = (cpu, cmd)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._update()
+
+    def __enter__(self) -> "CPUAccount":
+        if self._ok:
+            self._base = {pid: cpu for pid, (cpu, _) in _sample().items()}
+            self._busy = machine_busy_s()
+            self._thread = threading.Thread(target=self._run, name="cpu-account", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._update()
+            self._busy = machine_busy_s() - self._busy
+
+    def summary(self) -> dict[str, float]:
+        """{"machine_busy": s, "driver": s, "map_workers": s, ...}, rounded to 0.01 s; {} off Linux."""
+        if not self._ok:
+            return {}
+        roles: dict[str, float] = {}
+        me = os.getpid()
+        for pid, (cpu, cmd) in self._last.items():
+            used = cpu - self._base.get(pid, 0.0)
+            if used > 0:
+                r = role(pid, cmd, me)
+                roles[r] = roles.get(r, 0.0) + used
+        order = ("driver", "map_workers", "ray_data_internal", "ray_workers_other", "ray_system", "other")
+        return {"machine_busy": round(self._busy, 2), **{r: round(roles[r], 2) for r in order if r in roles}}
