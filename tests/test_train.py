@@ -102,7 +102,9 @@ def test_test_fold_never_reaches_an_optimiser_step(tiny, monkeypatch, variant):
 
     monkeypatch.setattr("fers_dist.train.trainer.apply_augmentation", traced)
     monkeypatch.setattr("fers_dist.train.identity.apply_augmentation", traced)
-    result = fit_fold(tiny.with_overrides({"model.variant": variant}), faces, fold, log=lambda m: None)
+    # One epoch is a pass over every training face (and each phase: identity encoder, main, FES-DA).
+    cfg = tiny.with_overrides({"model.variant": variant, "train.epochs": 1})
+    result = fit_fold(cfg, faces, fold, log=lambda m: None)
     assert seen, "the instrumentation saw no training batch"
     assert not seen & test_ids
     assert result.n_test_images == len(test_ids)
