@@ -253,7 +253,7 @@ def test_bench_prepare_break_even_fit():
 
 
 def test_bench_prepare_bad_arguments_are_one_line_errors(tmp_path, capsys):
-    for argv, says in ((["--images", "0"], "--images must be positive"),
+    for argv, says in ((["--images", "0"], "--images must be positive"), (["--repeats", "0"], "--repeats must be"),
                        (["--plot", str(tmp_path / "p.png")], "--plot needs at least two --images sizes")):
         assert cli_main(["bench", "prepare", *argv]) == 2
         err = capsys.readouterr().err.strip()

@@ -138,6 +138,8 @@ def bench(args: argparse.Namespace) -> dict:
     sizes = sorted(set(args.images))
     if sizes[0] < 1:
         raise FersError(f"prepare: --images must be positive, got {sizes[0]}")
+    if args.repeats < 1:
+        raise FersError(f"prepare: --repeats must be at least 1, got {args.repeats}")
     if args.plot and len(sizes) < 2:
         raise FersError("prepare: --plot needs at least two --images sizes (e.g. --images 1000 2000 4000)")
     with tempfile.TemporaryDirectory(prefix="fers-bench-prepare-") as tmp:
