@@ -50,11 +50,12 @@ def _read(path: str) -> bytes:
 def _sample(names: dict[int, str] | None = None) -> dict[int, tuple[float, str]]:
     """pid -> (CPU-seconds so far, command line) for every readable process. Command lines already in
     ``names`` are reused unless the process may still be renamed (a Ray worker is ``ray::IDLE``
-    until its actor or task starts); that halves the cost of a sample."""
+    until its actor or task starts); that halves the cost of a sample. Once named, a process keeps its
+    name, so a task worker that goes back to ``ray::IDLE`` still counts as the map worker it was."""
     tick = os.sysconf("SC_CLK_TCK")
     names = names or {}
     out = {}
-    for entry in os.scandir("/proc"):
+    for entry in os.scandir(_PROC):
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
@@ -77,7 +78,7 @@ def role(pid: int, cmd: str, driver: int) -> str:
         return "map_workers"
     if cmd.startswith(RAY_DATA_INTERNAL):
         return "ray_data_internal"
-    if cmd.startswith("ray::"):
+    if cmd.startswith("ray::") or "default_worker" in cmd:  # a Ray worker before it names itself
         return "ray_workers_other"
     if "/ray/" in cmd or "ray/core/src" in cmd:
         return "ray_system"
@@ -97,12 +98,7 @@ class CPUAccount:
         self._busy = 0.0
 
     def _update(self) -> None:
-        for pid, (cpu, cmd) in _sample({pid: cmd for pid, (_, cmd) in self._last.items()}).items():
-            old = self._last.get(pid)
-            # Keep the most telling name: a Ray worker shows "ray::IDLE" before its actor starts.
-            if old and (not cmd or cmd.startswith("ray::IDLE")):
-                cmd = old[1]
-            self._last[pid] = (cpu, cmd)
+        self._last.update(_sample({pid: cmd for pid, (_, cmd) in self._last.items()}))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -26,6 +26,7 @@ def test_roles_follow_ray_process_names():
     assert role(13, "ray::_StatsActor", driver=10) == "ray_data_internal"
     assert role(14, "ray::_AutoscalingCoordinatorActor", driver=10) == "ray_data_internal"
     assert role(15, "ray::IDLE", driver=10) == "ray_workers_other"
+    assert role(15, "python /v/site-packages/ray/_private/workers/default_worker.py", driver=10) == "ray_workers_other"
     assert role(16, "/v/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --x", driver=10) == "ray_system"
     assert role(17, "/usr/bin/python train.py", driver=10) == "other"
 

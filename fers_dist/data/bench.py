@@ -85,7 +85,10 @@ def _same_outcome(serial, par, n: int) -> int:
     return sum(outcome["serial"].values())
 
 
-def _one_size(prep, align_serial, records, folder: str, common: dict, actors: int, repeats: int) -> dict:
+def _one_size(records, folder: str, common: dict, actors: int, repeats: int) -> dict:
+    from fers_dist.data import prepare as prep
+    from fers_dist.data.align import align_serial
+
     table = prep.input_table(records, folder)
     runs = {"serial": [], "ray": []}
     loads = [os.getloadavg()[0]]
@@ -132,7 +135,6 @@ def break_even(sizes: list[int], serial_s: list[float], ray_s: list[float]) -> d
 
 def bench(args: argparse.Namespace) -> dict:
     from fers_dist.data import prepare as prep
-    from fers_dist.data.align import align_serial
     from fers_dist.errors import FersError
 
     sizes = sorted(set(args.images))
@@ -153,8 +155,7 @@ def bench(args: argparse.Namespace) -> dict:
         ray_init_s = time.perf_counter() - t0
         try:
             actors = prep.pool_size(ray, None, args.actors)
-            per_size = [_one_size(prep, align_serial, records[:n], folder, common, actors, args.repeats)
-                        for n in sizes]
+            per_size = [_one_size(records[:n], folder, common, actors, args.repeats) for n in sizes]
         finally:
             if started:
                 ray.shutdown()
