@@ -339,6 +339,17 @@ class _BadImage(Exception):
     pass
 
 
+@lru_cache(maxsize=4)
+def _worker_align_batch(aligner: str, size: int, opts: tuple) -> AlignBatch:
+    return AlignBatch(aligner, size, dict(opts), threads=1)
+
+
+def align_batch_task(batch, aligner: str, size: int, aligner_opts: dict | None = None):
+    """``AlignBatch`` as a plain function for Ray Data tasks: each worker process builds its aligner
+    once and keeps it for every later task (Ray reuses worker processes, unlike pool actors)."""
+    return _worker_align_batch(aligner, size, tuple(sorted((aligner_opts or {}).items())))(batch)
+
+
 def _chunks(table, n: int) -> list:
     step = max(1, -(-table.num_rows // n))
     return [table.slice(i, step) for i in range(0, table.num_rows, step)]

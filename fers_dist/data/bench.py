@@ -2,11 +2,14 @@
 doing the same decode + align + PNG encode on the same records, as a ratio in one run.
 
 Faces are synthesised into a temporary folder first (not timed) and read with the real layout
-reader. Ray is started before the timed part (its start-up is reported separately); the actor pool's
-start-up IS timed, as is collecting the results on the driver. With ``--repeats`` the two paths run
-alternately (so both see the same load on a shared machine) and the best time of each is reported,
-with every run and the 1-minute load average before and after each pair. The first Ray run of a
-session also starts Ray Data's own helper actors; later runs do not (a cluster keeps them).
+reader. Ray is started before the timed part (its start-up is reported separately); the workers'
+start-up IS timed, as is collecting the results on the driver. With ``--repeats`` (default 3) the two
+paths run alternately (so both see the same load on a shared machine) and the best time of each is
+reported, with every run and the 1-minute load average before and after each pair. The first Ray run
+of a session is reported on its own (``speedup_first_run``): it also starts Ray Data's helper actors
+and imports ``ray.data`` and OpenCV into the workers. Later runs find both (as on a cluster that has
+prepared before, or a job preparing several datasets) with ``--compute tasks``; pool actors are new
+processes for every dataset.
 
 On Linux each run also says where the CPU went (``fers_dist.cpustat``): the driver, the map workers,
 Ray Data's helper actors, Ray's daemons and anything else on the machine. Given several ``--images``
@@ -37,8 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="synthetic frame width; height follows the layout (CK+: 640x490, as the real frames)")
     p.add_argument("--size", type=int, default=110, help="aligned face size")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--actors", type=int, help="aligner actors (default: one per CPU)")
-    p.add_argument("--repeats", type=int, default=1, help="alternating timed runs of each path; best reported")
+    p.add_argument("--compute", choices=("auto", "tasks", "actors"), default="auto",
+                   help="Ray Data compute, as in fers prepare (auto: actors for fan/dlib, tasks otherwise)")
+    p.add_argument("--actors", type=int, help="aligner actors or concurrent tasks (default: one per CPU)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="alternating timed runs of each path; the best is reported, and the first apart")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", help="keep the synthetic faces in DIR (reused when it already holds enough)")
     p.add_argument("--plot", metavar="PNG", help="with several --images sizes: save the scaling plot here")
@@ -85,7 +91,7 @@ def _same_outcome(serial, par, n: int) -> int:
     return sum(outcome["serial"].values())
 
 
-def _one_size(records, folder: str, common: dict, actors: int, repeats: int) -> dict:
+def _one_size(records, folder: str, common: dict, ray_kw: dict, repeats: int) -> dict:
     from fers_dist.data import prepare as prep
     from fers_dist.data.align import align_serial
 
@@ -94,7 +100,7 @@ def _one_size(records, folder: str, common: dict, actors: int, repeats: int) -> 
     loads = [os.getloadavg()[0]]
     for _ in range(repeats):  # alternate the paths so both see the same (shared-machine) load
         runs["serial"].append(_timed(lambda: align_serial(table, **common, progress=True)))
-        runs["ray"].append(_timed(lambda: prep.align_with_ray(table, **common, actors=actors)))
+        runs["ray"].append(_timed(lambda: prep.align_with_ray(table, **common, **ray_kw)))
         loads.append(os.getloadavg()[0])
     n = len(records)
     rejected = _same_outcome(runs["serial"][-1][1], runs["ray"][-1][1], n)
@@ -109,6 +115,7 @@ def _one_size(records, folder: str, common: dict, actors: int, repeats: int) -> 
         "images": n, "serial_s": round(serial_s, 2), "serial_images_per_s": round(n / serial_s, 1),
         "ray_s": round(ray_s, 2), "ray_images_per_s": round(n / ray_s, 1),
         "speedup": round(serial_s / ray_s, 2),
+        "speedup_first_run": round(runs["serial"][0][0] / runs["ray"][0][0], 2),
         "serial_runs_s": [round(t, 2) for t, _, _ in runs["serial"]],
         "ray_runs_s": [round(t, 2) for t, _, _ in runs["ray"]],
         "serial_cpu_s": [cpu for _, _, cpu in runs["serial"]], "ray_cpu_s": [cpu for _, _, cpu in runs["ray"]],
@@ -155,7 +162,8 @@ def bench(args: argparse.Namespace) -> dict:
         ray_init_s = time.perf_counter() - t0
         try:
             actors = prep.pool_size(ray, None, args.actors)
-            per_size = [_one_size(records[:n], folder, common, actors, args.repeats) for n in sizes]
+            ray_kw = {"actors": args.actors, "compute": args.compute}
+            per_size = [_one_size(records[:n], folder, common, ray_kw, args.repeats) for n in sizes]
         finally:
             if started:
                 ray.shutdown()
@@ -164,6 +172,7 @@ def bench(args: argparse.Namespace) -> dict:
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs ({platform.processor() or platform.system()})",
         "layout": args.layout, "aligner": args.aligner, "image_size": args.image_size,
         "aligned_size": args.size, "batch_size": args.batch_size, "actors": actors, "repeats": args.repeats,
+        "compute": prep.resolve_compute(args.compute, args.aligner, None),
         "ray_init_s": round(ray_init_s, 2),
     }
     if len(sizes) == 1:
@@ -173,7 +182,7 @@ def bench(args: argparse.Namespace) -> dict:
     if args.plot:
         from fers_dist.report.figures import prepare_scaling
 
-        title = (f"fers bench prepare: {args.aligner} aligner, {actors} actors, {head['machine']}, "
+        title = (f"fers bench prepare: {args.aligner} aligner, {actors} {head['compute']}, {head['machine']}, "
                  f"best of {args.repeats}")
         prepare_scaling(sizes, serial_s, ray_s, fit, title, args.plot)
         print(f"scaling plot: {args.plot}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""Prepare a dataset: read a raw dataset folder, then decode, align and PNG-encode every face on a
-Ray Data actor pool, and write one Parquet file with identity-independent folds and a manifest.
+"""Prepare a dataset: read a raw dataset folder, then decode, align and PNG-encode every face with Ray
+Data ``map_batches`` (an actor pool for the model aligners and GPUs, tasks otherwise), and write one Parquet file with identity-independent folds and a manifest.
 
 Output (the loader's contract), under ``<out>/<dataset>/``:
 
@@ -16,7 +16,7 @@ unchanged input (same content hash) is a no-op unless ``--force``. Only this mod
 imports ray, and only inside functions.
 
 On a multi-node cluster the raw root must be on storage every node sees at the same path (the
-actors read the image files); aligned faces come back to the driver, which writes the single file.
+Ray workers read the image files); aligned faces come back to the driver, which writes the single file.
 The driver holds the aligned faces in memory while it sorts and writes them (about 6 KB a face at
 110x110: some 350 MB for all of BU-4DFE).
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fers_dist.data.align import AlignBatch, batch_schemas
+from fers_dist.data.align import AlignBatch, align_batch_task, batch_schemas
 from fers_dist.errors import DataError, FersError
 
 FORMAT_VERSION = 1
@@ -93,25 +93,49 @@ def pool_size(ray, num_gpus: float | None, actors: int | None) -> int:
     return max(1, min(actors, n) if actors else n)
 
 
+COMPUTE = ("auto", "tasks", "actors")
+MODEL_ALIGNERS = ("fan", "dlib")  # aligners with a model to load once per process
+
+
+def resolve_compute(compute: str, aligner: str, num_gpus: float | None) -> str:
+    """``auto``: a pool of actors for the model aligners and for GPUs (each actor loads its model
+    once and holds its device); tasks for ``landmarks``/``center``, which have nothing to load."""
+    if compute not in COMPUTE:
+        raise FersError(f"--compute: expected one of {', '.join(COMPUTE)}, got {compute!r}")
+    if compute != "auto":
+        return compute
+    return "actors" if num_gpus or aligner in MODEL_ALIGNERS else "tasks"
+
+
 def align_with_ray(table, aligner: str, size: int, aligner_opts: dict | None = None, batch_size: int = 64,
-                   num_gpus: float | None = None, actors: int | None = None):
-    """records table -> aligned table, through ``map_batches`` on an actor pool (one actor per CPU by
-    default, or per ``num_gpus`` share of a GPU; each actor loads its aligner once). Ray must be
-    initialised. Results are collected on the driver, which writes the single Parquet file."""
+                   num_gpus: float | None = None, actors: int | None = None, compute: str = "auto"):
+    """records table -> aligned table through ``map_batches``, on an actor pool (one actor per CPU by
+    default, or per ``num_gpus`` share of a GPU; each loads its aligner once) or as tasks (Ray reuses
+    their worker processes, so only a session's first dataset pays for their imports; see
+    docs/BENCHMARKS.md). Ray must be initialised. Results are collected on the driver, which writes the
+    single Parquet file."""
     import pyarrow as pa
     import ray
 
+    mode = resolve_compute(compute, aligner, num_gpus)
     n = pool_size(ray, num_gpus, actors)
     gpu = {"num_gpus": num_gpus} if num_gpus else {}
     # from_items builds the (small: paths and landmarks) blocks on the driver; from_arrow would spawn
     # a remote metadata task per block, which costs seconds of worker start-up on a small machine.
     n_blocks = max(n * 2, -(-table.num_rows // (batch_size * 2)))
-    ds = ray.data.from_items(table.to_pylist(), override_num_blocks=n_blocks).map_batches(
-        AlignBatch, fn_constructor_kwargs={"aligner": aligner, "size": size, "aligner_opts": aligner_opts,
-                                           "threads": 1},
-        batch_size=batch_size, batch_format="pyarrow", num_cpus=1, **gpu,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n, initial_size=n),
-    )
+    ds = ray.data.from_items(table.to_pylist(), override_num_blocks=n_blocks)
+    common = dict(batch_size=batch_size, batch_format="pyarrow", num_cpus=1, **gpu)
+    if mode == "actors":
+        ds = ds.map_batches(AlignBatch, fn_constructor_kwargs={
+            "aligner": aligner, "size": size, "aligner_opts": aligner_opts, "threads": 1},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n, initial_size=n), **common)
+    else:  # no size cap: Ray core queues the tasks, and a freed CPU takes the next one at once
+        ds = ds.map_batches(align_batch_task, fn_kwargs={"aligner": aligner, "size": size,
+                                                         "aligner_opts": aligner_opts},
+                            compute=ray.data.TaskPoolStrategy(size=actors), **common)
+    # One operator: nothing to reserve CPUs for. The reservation also caps the operator at one task
+    # until Ray Data's autoscaling coordinator first reports the cluster (about 1 s per dataset).
+    ds.context.op_resource_reservation_enabled = False
     parts = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     return pa.concat_tables([p.cast(_schemas()[1]) for p in parts]) if parts else _schemas()[1].empty_table()
 
@@ -202,7 +226,7 @@ def _write_dataset(folder: Path, faces, rejected, manifest: dict) -> None:
 def prepare(dataset: str, root: str | Path, out: str | Path, aligner: str = "landmarks", size: int = 110,
             n_folds: int = 10, fold_seed: int = 0, num_gpus: float | None = None, actors: int | None = None,
             batch_size: int = 64, force: bool = False, reader_opts: dict | None = None,
-            aligner_opts: dict | None = None, log=print) -> dict:
+            aligner_opts: dict | None = None, compute: str = "auto", log=print) -> dict:
     """Build ``<out>/<dataset>/faces.parquet`` + ``manifest.json``; returns the manifest (with
     ``status``: ``built`` or ``up-to-date``)."""
     from fers_dist.data.layouts import get_dataset
@@ -210,6 +234,7 @@ def prepare(dataset: str, root: str | Path, out: str | Path, aligner: str = "lan
     spec = get_dataset(dataset)
     if not 2 <= n_folds <= 127:
         raise DataError(f"n_folds: must be in 2..127 (stored as int8), got {n_folds}")
+    mode = resolve_compute(compute, aligner, num_gpus)
     result = spec.read(root, **(reader_opts or {}))
     if not result.records:
         raise DataError(f"{root}: no labelled {dataset} faces found (skipped: {result.skipped or 'none'}; "
@@ -236,7 +261,7 @@ def prepare(dataset: str, root: str | Path, out: str | Path, aligner: str = "lan
     try:
         t0 = time.perf_counter()
         aligned = align_with_ray(input_table(result.records, root), aligner, size, aligner_opts, batch_size,
-                                 num_gpus, actors)
+                                 num_gpus, actors, mode)
         seconds = time.perf_counter() - t0
     finally:
         if started:
@@ -245,6 +270,7 @@ def prepare(dataset: str, root: str | Path, out: str | Path, aligner: str = "lan
     rejected = list(result.rejected) + rejected
     manifest = build_manifest(spec, result, faces, rejected, folds, options, digest)
     manifest["pipeline_seconds"] = round(seconds, 2)
+    manifest["pipeline_compute"] = mode
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{dataset}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -270,7 +296,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aligner", choices=ALIGNERS, help="default: config data.aligner")
     p.add_argument("--size", type=int, help="aligned face size in pixels (default: config data.aligned_size)")
     p.add_argument("--num-gpus", type=float, help="GPUs per aligner actor (fractions pack actors on a GPU)")
-    p.add_argument("--actors", type=int, help="most aligner actors (default: one per CPU, or per GPU share)")
+    p.add_argument("--compute", choices=COMPUTE, default="auto",
+                   help="auto (default): an actor pool for fan/dlib and with --num-gpus (each actor loads its "
+                        "model once), tasks for landmarks/center (Ray reuses their warm worker processes)")
+    p.add_argument("--actors", type=int, help="most aligner actors, or concurrent tasks (default: one per CPU, "
+                                              "or per GPU share)")
     p.add_argument("--batch-size", type=int, default=64, help="images per map_batches call")
     p.add_argument("--n-folds", type=int, help="default: config data.n_folds")
     p.add_argument("--fold-seed", type=int, help="default: config data.fold_seed")
@@ -302,5 +332,5 @@ def run(args: argparse.Namespace) -> int:
             n_folds=args.n_folds or data.n_folds,
             fold_seed=data.fold_seed if args.fold_seed is None else args.fold_seed,
             num_gpus=args.num_gpus, actors=args.actors, batch_size=args.batch_size, force=args.force,
-            reader_opts=reader_opts, aligner_opts=aligner_opts)
+            compute=args.compute, reader_opts=reader_opts, aligner_opts=aligner_opts)
     return 0
