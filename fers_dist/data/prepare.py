@@ -1,5 +1,6 @@
 """Prepare a dataset: read a raw dataset folder, then decode, align and PNG-encode every face with Ray
-Data ``map_batches`` (an actor pool for the model aligners and GPUs, tasks otherwise), and write one Parquet file with identity-independent folds and a manifest.
+Data ``map_batches`` (an actor pool for the model aligners and GPUs, tasks otherwise), and write one
+Parquet file with identity-independent folds and a manifest.
 
 Output (the loader's contract), under ``<out>/<dataset>/``:
 
