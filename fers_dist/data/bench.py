@@ -30,6 +30,8 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from fers_dist.data.prepare import COMPUTE
+
     p.add_argument("--images", type=int, nargs="+", default=[2000],
                    help="faces to prepare; several sizes (e.g. 1000 2000 4000) also fit the break-even size")
     p.add_argument("--layout", default="ckplus", choices=("ckplus", "oulu", "mmi", "bu4dfe"))
@@ -40,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="synthetic frame width; height follows the layout (CK+: 640x490, as the real frames)")
     p.add_argument("--size", type=int, default=110, help="aligned face size")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--compute", choices=("auto", "tasks", "actors"), default="auto",
+    p.add_argument("--compute", choices=COMPUTE, default="auto",
                    help="Ray Data compute, as in fers prepare (auto: actors for fan/dlib, tasks otherwise)")
     p.add_argument("--actors", type=int, help="aligner actors or concurrent tasks (default: one per CPU)")
     p.add_argument("--repeats", type=int, default=3,
