@@ -7,9 +7,9 @@ start-up IS timed, as is collecting the results on the driver. With ``--repeats`
 paths run alternately (so both see the same load on a shared machine) and the best time of each is
 reported, with every run and the 1-minute load average before and after each pair. The first Ray run
 of a session is reported on its own (``speedup_first_run``): it also starts Ray Data's helper actors
-and imports ``ray.data`` and OpenCV into the workers. Later runs find both (as on a cluster that has
-prepared before, or a job preparing several datasets) with ``--compute tasks``; pool actors are new
-processes for every dataset.
+and imports ``ray.data`` and OpenCV into the workers. With ``--compute tasks`` later runs find both
+(as a job's second and later datasets do: ``fers demo`` prepares two); pool actors are new processes
+for every dataset, and a new Ray job gets new workers.
 
 On Linux each run also says where the CPU went (``fers_dist.cpustat``): the driver, the map workers,
 Ray Data's helper actors, Ray's daemons and anything else on the machine. Given several ``--images``

@@ -182,7 +182,8 @@ def prepare_scaling(sizes: list[int], serial_s: list[float], ray_s: list[float],
     right.axhline(1.0, ls=":", color="black", lw=0.8)
     if fit.get("images_for_1.5x"):
         right.axvline(fit["images_for_1.5x"], ls=":", color="tab:red", lw=0.8)
-    right.set(xlabel="faces", ylabel="speed-up (serial / Ray)", xlim=(0, n[-1]), ylim=(0, max(2.1, (fit["speedup_unlimited"] or 0) * 1.05)))
+    top = max(2.1, (fit["speedup_unlimited"] or 0) * 1.05)
+    right.set(xlabel="faces", ylabel="speed-up (serial / Ray)", xlim=(0, n[-1]), ylim=(0, top))
     right.legend(loc="lower right", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
