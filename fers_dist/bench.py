@@ -16,8 +16,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "model": ("fers_dist.model.bench", "parameters, counted MACs/image, forward+backward images/s"),
     "prepare": ("fers_dist.data.bench", "Ray Data prepare pipeline vs a single-process loop"),
     "train": ("fers_dist.train.bench", "full-objective training step: images/s, peak memory, MFU"),
-    "cv": ("fers_dist.dist.bench", "a small CV grid through Ray vs serially in plain PyTorch"),
-    "tune": ("fers_dist.dist.bench_tune", "Ray Tune + Optuna vs plain Optuna; ASHA savings"),
+    "cv": ("fers_dist.cv.bench", "a small CV grid through Ray vs serially in plain PyTorch"),
+    "tune": ("fers_dist.tune.bench", "Ray Tune + Optuna vs plain Optuna; ASHA savings"),
 }
 
 

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fers_dist.errors import FersError
 from fers_dist.io import atomic_write_text
@@ -21,6 +28,8 @@ from fers_dist.io import atomic_write_text
 VARIANTS = ("no_mtl", "no_convflu", "original", "fes_da")
 DATASETS = ("ckplus", "oulu", "mmi", "bu4dfe")
 ALIGNERS = ("landmarks", "fan", "dlib", "center")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "jobs" / "configs"  # the shipped YAML configs
+DEMO_YAML = CONFIG_DIR / "demo.yaml"  # the tiny model `fers demo` and the CV/tune benches run
 
 
 class ConfigError(FersError, ValueError):
@@ -80,7 +89,7 @@ class ScheduleConfig(_Section):
     step_count: int = Field(4, ge=1, description="number of drops for decay=step")
 
     @model_validator(mode="after")
-    def _order(self) -> "ScheduleConfig":
+    def _order(self) -> ScheduleConfig:
         if self.lr_end > self.lr_start:
             raise ValueError(f"lr_end ({self.lr_end}) must not exceed lr_start ({self.lr_start})")
         return self
@@ -146,7 +155,7 @@ class SearchParam(_Section):
     choices: list[Any] | None = None
 
     @model_validator(mode="after")
-    def _range(self) -> "SearchParam":
+    def _range(self) -> SearchParam:
         if self.type == "categorical":
             if not self.choices:
                 raise ValueError("categorical needs a non-empty 'choices' list")
@@ -205,7 +214,7 @@ class Config(_Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
-    def _crop_fits(self) -> "Config":
+    def _crop_fits(self) -> Config:
         if self.model.input_size > self.data.aligned_size:
             raise ValueError(
                 f"model.input_size ({self.model.input_size}) is larger than "
@@ -214,7 +223,7 @@ class Config(_Section):
         return self
 
     # -- helpers ------------------------------------------------------------------------------
-    def with_overrides(self, flat: dict[str, Any]) -> "Config":
+    def with_overrides(self, flat: dict[str, Any]) -> Config:
         """Return a copy with dotted keys replaced, e.g. ``{"loss.lam_adv": 0.1}`` (validated)."""
         data = self.model_dump()
         for key, value in flat.items():

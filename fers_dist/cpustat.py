@@ -35,7 +35,7 @@ def available() -> bool:
 def machine_busy_s() -> float:
     """CPU-seconds spent not idle (user + nice + system + irq + softirq + steal) since boot, all CPUs."""
     f = (_PROC / "stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f[:8])
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f[:8])
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
@@ -104,7 +104,7 @@ class CPUAccount:
         while not self._stop.wait(self.interval):
             self._update()
 
-    def __enter__(self) -> "CPUAccount":
+    def __enter__(self) -> CPUAccount:  # noqa: PYI034  (Self needs Python 3.11; 3.10 is supported)
         if self._ok:
             self._base = {pid: cpu for pid, (cpu, _) in _sample().items()}
             self._busy = machine_busy_s()

@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from fers_dist.config import DEMO_YAML
 from fers_dist.errors import FersError
 
-DEMO_YAML = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
 CHANCE = {"ckplus": 1 / 7, "oulu": 1 / 6}
 
 
@@ -62,19 +62,18 @@ def _fresh_out(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
     # Tune's per-trial CSV/JSON/TensorBoard writers cost the driver ~0.3 s of CPU per fold run, which on a
     # 2-core laptop comes out of training; the report draws the curves from folds.parquet instead.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
     from fers_dist.config import load_config
+    from fers_dist.cv.cli import run_cv
+    from fers_dist.cv.progress import summary_table
+    from fers_dist.cv.resources import ray_session
     from fers_dist.data.prepare import prepare
     from fers_dist.data.synthetic import synthesize
-    from fers_dist.dist.cv import run_cv
-    from fers_dist.dist.progress import summary_table
-    from fers_dist.dist.tune import run_tune
     from fers_dist.report.cli import build_report
+    from fers_dist.tune.cli import run_tune
 
     t0 = time.perf_counter()
     out = Path(args.out).resolve()
@@ -89,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.subjects < cfg.data.n_folds:
         raise FersError(f"--subjects {args.subjects}: identity-independent {cfg.data.n_folds}-fold CV needs at "
                         f"least {cfg.data.n_folds} subjects per dataset")
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
+    with ray_session("local", quiet=True):  # the embedded Ray, whatever RAY_ADDRESS says
         step = _Steps(5)
         step("synthesise", f"synthesise {args.subjects} subjects per dataset in the real layouts")
         for ds in datasets:
@@ -106,8 +104,6 @@ def run(args: argparse.Namespace) -> int:
         step("report", "report: tables, figures, report.html")
         report = build_report(out / "results" / cfg.cv.experiment)
         step.end()
-    finally:
-        ray.shutdown()
     total = time.perf_counter() - t0
     done = frame[(frame["status"] == "finished")]
     print("\n" + summary_table(frame))

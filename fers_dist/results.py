@@ -43,7 +43,7 @@ def _fs(uri: str):
 
     try:
         return pafs.FileSystem.from_uri(uri)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (any failure here is reported as the one-line error below)
         raise FersError(f"storage {uri!r}: cannot open ({e})") from None
 
 
@@ -97,5 +97,5 @@ def check_writable(storage: str) -> None:
         with fs.open_output_stream(probe) as f:
             f.write(b"ok")
         fs.delete_file(probe)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (any failure here is reported as the one-line error below)
         raise FersError(f"cv.storage {storage!r} is not writable ({type(e).__name__}: {e})") from None

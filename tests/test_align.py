@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from fers_dist.data import align
-from fers_dist.data.align import CANONICAL, AlignerUnavailable, FaceNotFound, anchors, get_aligner
+from fers_dist.data.align import (
+    CANONICAL,
+    AlignerUnavailable,
+    FaceNotFound,
+    anchors,
+    get_aligner,
+)
 from fers_dist.data.synthetic import Identity, _Sequence
 from fers_dist.errors import FersError
 
@@ -27,11 +33,11 @@ def test_similarity_fit_puts_eyes_and_mouth_on_canonical_positions():
     src = (CANONICAL * size) @ rot.T + t  # the canonical triangle seen through a known similarity
     image = np.zeros((260, 260), np.uint8)
     for i, (x, y) in enumerate(src):
-        cv2.circle(image, (int(round(x)), int(round(y))), 3, 80 * (i + 1), -1)
+        cv2.circle(image, (round(x), round(y)), 3, 80 * (i + 1), -1)
     face = get_aligner("landmarks", size=size).align(image, landmarks_with_anchors(src))
     assert face.shape == (size, size) and face.dtype == np.uint8
     for i, (x, y) in enumerate(CANONICAL * size):  # each dot lands where it should
-        assert face[int(round(y)), int(round(x))] == pytest.approx(80 * (i + 1), abs=25)
+        assert face[round(y), round(x)] == pytest.approx(80 * (i + 1), abs=25)
     np.testing.assert_allclose(anchors(landmarks_with_anchors(src)), src, atol=1e-4)
 
 

@@ -362,7 +362,7 @@ def test_rayjob_runs_the_cv_protocol_on_a_real_config():
 def test_rayjob_entrypoint_parses_with_fers_cv():
     import argparse
 
-    from fers_dist.dist import cv
+    from fers_dist.cv import cli as cv
 
     parser = argparse.ArgumentParser()
     cv.add_arguments(parser)
@@ -375,7 +375,7 @@ def test_kuberay_image_is_built_from_the_pinned_ray_image():
     import fers_dist
 
     dockerfile = (CLUSTER / "kuberay" / "Dockerfile").read_text()
-    assert re.search(rf"^FROM rayproject/ray:{re.escape(ray.__version__)}-py311-gpu$", dockerfile, re.M)
+    assert re.search(rf"^FROM rayproject/ray:{re.escape(ray.__version__)}-py311-gpu$", dockerfile, re.MULTILINE)
     assert f"-e {IMAGE_HOME}" in dockerfile
     images = {c["image"] for _, d in RAY_DOCS for _, g in groups(d) for c in containers(g)}
     assert images == {f"YOUR-REGISTRY/fers-dist:{fers_dist.__version__}"}

@@ -32,8 +32,8 @@ def test_roles_follow_ray_process_names():
 
 
 def test_driver_and_other_processes_are_accounted():
-    child = [sys.executable, "-c", "import time\nend = time.process_time() + 0.6\n"
-             "while time.process_time() < end: pass"]
+    child = [sys.executable, "-c", ("import time\nend = time.process_time() + 0.6\n"
+                                    "while time.process_time() < end: pass")]
     with CPUAccount(interval=0.05) as acc:
         proc = subprocess.Popen(child)
         _spin(0.5)

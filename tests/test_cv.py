@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from fers_dist.config import CVConfig, ConfigError
-from fers_dist.dist.cv import Run, check_inputs, plan_runs, run_cv
-from fers_dist.dist.resources import plan_resources
+from fers_dist.config import ConfigError, CVConfig
+from fers_dist.cv.cli import Run, check_inputs, plan_runs, run_cv
+from fers_dist.cv.resources import plan_resources
 from fers_dist.errors import FersError
 from fers_dist.results import append_rows, folds_uri, read_folds
 
@@ -132,8 +132,8 @@ def _wait_for(predicate, timeout=240, every=0.5):
 def test_real_workers_pack_and_survive_a_killed_worker(tiny_cfg, prepared_data, tmp_path, ray_session):
     """3 runs with real Train workers where only 2 fit at once must finish (no nested deadlock); then a
     worker SIGKILLed mid-fold restarts from its checkpoint and ends with the unkilled run's metrics."""
-    base = dict(datasets=["ckplus"], variants=["original"], workers_per_run=1, gpus_per_run=0,
-                cpus_per_run=0.9, max_failures=2)
+    base = {"datasets": ["ckplus"], "variants": ["original"], "workers_per_run": 1, "gpus_per_run": 0,
+                "cpus_per_run": 0.9, "max_failures": 2}
     cfg = cv_cfg(tiny_cfg, prepared_data, tmp_path / "a", folds=[0, 1, 2], **base)
     cfg = cfg.with_overrides({"train.epochs": 5})
     assert plan_resources(cfg.cv, ray_session.cluster_resources(), 3).max_concurrent == 2

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import ClassVar
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from test_train import decode_index, tagged_faces
 
 WORLD = 2
@@ -31,7 +31,7 @@ def _rank_main(rank: int, port: int, cfg_dict: dict, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         class Recording(Trainer):
-            calls: list = []
+            calls: ClassVar[list] = []
 
             def _input(self, images, aff):
                 self.calls.append(sorted(decode_index(images)))
@@ -76,7 +76,7 @@ def test_ranks_end_with_identical_weights_and_buffers(ranks):
 
 
 def test_epoch_metrics_are_global_and_agree(ranks):
-    _, (r0, r1), cfg = ranks
+    _, (r0, r1), _cfg = ranks
     assert [h["loss"] for h in r0["history"]] == [h["loss"] for h in r1["history"]]
     assert [h["train_accuracy"] for h in r0["history"]] == [h["train_accuracy"] for h in r1["history"]]
     n = len(tagged_faces())

@@ -14,7 +14,8 @@ from fers_dist.cli import main
 from fers_dist.errors import FersError
 from fers_dist.report import fes_eval as fes_mod
 from fers_dist.report.cli import build_report
-from fers_dist.report.identity import cosine_scores, identity_similarity
+from fers_dist.train import fes_eval as fes_core
+from fers_dist.train.identity_score import cosine_scores, identity_similarity
 
 
 def test_fes_eval_cli_end_to_end_then_in_the_report(tiny_experiment, tmp_path):  # noqa: F811
@@ -47,19 +48,19 @@ def test_fes_eval_cli_end_to_end_then_in_the_report(tiny_experiment, tmp_path): 
 
 def test_recogniser_sees_only_the_real_training_faces_of_the_fold(tiny_experiment, monkeypatch):  # noqa: F811
     seen = []
-    real = fes_mod.train_recogniser
+    real = fes_core.train_recogniser
 
     def spy(cfg, train, fold, *args, **kwargs):
         seen.append(train)
         return real(cfg, train, fold, *args, **kwargs)
 
-    monkeypatch.setattr(fes_mod, "train_recogniser", spy)
+    monkeypatch.setattr(fes_core, "train_recogniser", spy)
     faces, cfg = tiny_experiment["faces"], tiny_experiment["cfg"].with_overrides({"identity.encoder_epochs": 1})
     ckpt = tiny_experiment["exp_dir"] / "checkpoints" / "ckplus-original-f1" / "main.pt"
     cache: dict = {}
-    r = fes_mod.fes_eval_fold(cfg, faces, 1, ckpt, recogniser_epochs=1, identity="lightcnn", identity_faces=6,
+    r = fes_core.fes_eval_fold(cfg, faces, 1, ckpt, recogniser_epochs=1, identity="lightcnn", identity_faces=6,
                               device="cpu", cache=cache, log=lambda m: None)
-    again = fes_mod.fes_eval_fold(cfg, faces, 1, ckpt, recogniser_epochs=1, identity="lightcnn", identity_faces=6,
+    again = fes_core.fes_eval_fold(cfg, faces, 1, ckpt, recogniser_epochs=1, identity="lightcnn", identity_faces=6,
                                   device="cpu", cache=cache, log=lambda m: None)
     assert len(seen) == 1  # the cache trains the recogniser once per fold
     train = seen[0]

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fers_dist.data.layouts import DATASETS, get_dataset
-from fers_dist.data.layouts import ckplus, mmi, oulu
+from fers_dist.data.layouts import DATASETS, ckplus, get_dataset, mmi, oulu
 from fers_dist.data.layouts.base import sidecar_path
 from fers_dist.data.synthetic import synthesize
 from fers_dist.errors import DataError
@@ -32,7 +31,7 @@ def copy(raw: dict, layout: str, tmp_path: Path) -> Path:
 
 def first_labelled(root: Path) -> Path:
     """The Emotion file of the first labelled CK+ sequence."""
-    return sorted((root / "Emotion").rglob("*_emotion.txt"))[0]
+    return min((root / "Emotion").rglob("*_emotion.txt"))
 
 
 def reasons(result) -> str:
@@ -97,7 +96,7 @@ def test_ckplus_zero_byte_and_duplicate_frames(raw, tmp_path):
     shutil.copyfile(frames[-3], frames[-2])  # the same image content twice
     res = ckplus.read(root)
     why = dict(res.rejected)
-    rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
+    rel = lambda p: p.relative_to(root).as_posix()
     assert why[rel(frames[-1])] == "empty file (0 bytes)"
     assert why[rel(frames[-2])] == f"duplicate frame: same image content as {rel(frames[-3])}"
     kept = {r.path for r in res.records}
@@ -172,11 +171,11 @@ def test_mmi_middle_frames_from_video_and_from_images(raw):
 
 def test_mmi_xml_without_emotion_and_unknown_codes(raw, tmp_path):
     root = copy(raw, "mmi", tmp_path)
-    xml = sorted((root / "Sessions" / "1").glob("*.xml"))[0]
+    xml = min((root / "Sessions" / "1").glob("*.xml"))
     xml.write_text('<?xml version="1.0"?><Session><Metatag Name="Gender" Value="Male"/></Session>')
-    xml2 = sorted((root / "Sessions" / "2").glob("*.xml"))[0]
+    xml2 = min((root / "Sessions" / "2").glob("*.xml"))
     xml2.write_text(xml2.read_text().replace('Name="Emotion" Value="2"', 'Name="Emotion" Value="7"'))
-    xml3 = sorted((root / "Sessions" / "3").glob("*.xml"))[0]
+    xml3 = min((root / "Sessions" / "3").glob("*.xml"))
     xml3.write_text("<Session><Metatag")
     res = mmi.read(root)
     why = dict(res.rejected)

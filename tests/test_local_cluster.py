@@ -1,5 +1,5 @@
 """A real Ray cluster on this machine: `ray start --head` on loopback, a tiny `jobs/run_cv.py` submitted
-through the Jobs API (fers_dist.dist.submit), SUCCEEDED, rows in folds.parquet, cluster stopped.
+through the Jobs API (fers_dist.submit), SUCCEEDED, rows in folds.parquet, cluster stopped.
 
 The head runs with `--block` in its own process group, so stopping it kills only this cluster's
 processes (`ray stop` would also kill the test session's own Ray). Cleanup runs even on failure.
@@ -60,8 +60,8 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
 @pytest.fixture
 def local_cluster(monkeypatch):
     """A 2-CPU Ray head bound to 127.0.0.1 (dashboard included, loopback only), in a temp dir."""
-    from fers_dist.dist.submit import auth_headers, check_cluster
     from fers_dist.errors import FersError
+    from fers_dist.submit import auth_headers, check_cluster
 
     temp = Path(tempfile.mkdtemp(prefix="fers-ray-", dir="/tmp"))  # short: Ray's socket paths
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
@@ -82,7 +82,7 @@ def local_cluster(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    log = open(temp / "head.log", "wb")
+    log = open(temp / "head.log", "wb")  # noqa: SIM115  (closed in the finally below, once the head is stopped)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -104,7 +104,7 @@ def local_cluster(monkeypatch):
 
 
 def listening_hosts(port: int) -> set[str]:
-    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, check=False, text=True).stdout
     return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}
 
 
@@ -113,7 +113,7 @@ def test_submitted_cv_job_succeeds_and_writes_folds(local_cluster, prepared_data
     import pandas as pd
 
     from fers_dist.config import dump_config
-    from fers_dist.dist.submit import make_client, submit_job, wait_for_job
+    from fers_dist.submit import make_client, submit_job, wait_for_job
 
     if shutil.which("ss"):  # the dashboard (jobs API) answers on loopback only
         assert listening_hosts(local_cluster["ports"]["--dashboard-port"]) <= {"127.0.0.1"}

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from fers_dist.config import LossConfig
-from fers_dist.model.losses import (cls_loss, cyc_loss, gan_loss, idt_loss, lambda_idt, rec_loss,
-                                    total_loss)
+from fers_dist.model.losses import (
+    cls_loss,
+    cyc_loss,
+    gan_loss,
+    idt_loss,
+    lambda_idt,
+    rec_loss,
+    total_loss,
+)
 
 
 def test_cls_loss_is_cross_entropy_eq5():
@@ -48,7 +55,7 @@ def test_squared_error_losses(fn):
 
 def test_total_loss_eq10_with_paper_weights():
     cfg = LossConfig()
-    terms = {k: torch.tensor(v) for k, v in dict(cls=1.2, adv=0.7, rec=0.3, cyc=0.4, idt=2.0).items()}
+    terms = {k: torch.tensor(v) for k, v in {"cls": 1.2, "adv": 0.7, "rec": 0.3, "cyc": 0.4, "idt": 2.0}.items()}
     lam = {"adv": cfg.lam_adv, "rec": cfg.lam_rec, "cyc": cfg.lam_cyc, "idt": 0.25}
     want = 1.2 + 0.3 * 0.7 + 1.0 * 0.3 + 0.5 * 0.4 + 0.25 * 2.0
     assert total_loss(terms, lam).item() == pytest.approx(want, rel=1e-6)

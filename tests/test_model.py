@@ -10,8 +10,14 @@ import torch.nn.functional as F
 from fers_dist.config import VARIANTS, ConfigError, ModelConfig
 from fers_dist.model.convflu import ConvFLU
 from fers_dist.model.discriminator import PatchDiscriminator, patch_size
-from fers_dist.model.fersnet import (FERNet, FERSNet, SharedTrunkNet, build_model, count_params,
-                                     enlarged_width)
+from fers_dist.model.fersnet import (
+    FERNet,
+    FERSNet,
+    SharedTrunkNet,
+    build_model,
+    count_params,
+    enlarged_width,
+)
 from fers_dist.model.lightcnn import LightCNN9, to_lightcnn_input
 from fers_dist.model.losses import cls_loss, cyc_loss, gan_loss, idt_loss, rec_loss
 
@@ -29,7 +35,7 @@ def _one_thread():
 
 
 def small_cfg(**kw) -> ModelConfig:
-    base = dict(width=8, input_size=SIZE, cls_hidden=16, disc_width=8, disc_layers=2)
+    base = {"width": 8, "input_size": SIZE, "cls_hidden": 16, "disc_width": 8, "disc_layers": 2}
     return ModelConfig(**{**base, **kw})
 
 

@@ -28,9 +28,9 @@ SIZE = 40
 def add_quirks(root: Path) -> dict[str, str]:
     """Real-world damage in a synthetic CK+ tree; returns {relative path: expected reason fragment}."""
     emotions = sorted((root / "Emotion").rglob("*_emotion.txt"))
-    frame = lambda emo, k: sorted(  # noqa: E731
+    frame = lambda emo, k: sorted(
         (root / "cohn-kanade-images" / emo.parent.parent.name / emo.parent.name).glob("*.png"))[k]
-    rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
+    rel = lambda p: p.relative_to(root).as_posix()
     corrupt, truncated, empty, dup, dup_of = frame(emotions[0], -1), frame(emotions[1], -1), \
         frame(emotions[2], -1), frame(emotions[3], -2), frame(emotions[3], -3)
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8 + b"IEND\xaeB`\x82")
@@ -143,7 +143,7 @@ def test_unchanged_input_is_a_noop_and_changes_change_the_hash(built, tmp_path):
     h0 = prep.content_hash("ckplus", ckplus.read(raw), opts)
     assert prep.content_hash("ckplus", ckplus.read(raw), opts) == h0
     assert prep.content_hash("ckplus", ckplus.read(raw), {**opts, "size": 41}) != h0
-    emo = sorted((raw / "Emotion").rglob("*_emotion.txt"))[-1]
+    emo = max((raw / "Emotion").rglob("*_emotion.txt"))
     emo.write_text("   1.0000000e+00\n" if "2.0" in emo.read_text() else "   2.0000000e+00\n")
     assert prep.content_hash("ckplus", ckplus.read(raw), opts) != h0
 
@@ -155,7 +155,7 @@ def test_force_rebuilds_and_a_failed_build_keeps_the_previous_dataset(built, tmp
     table = prep.input_table(ckplus.read(built["raw"]).records, built["raw"])
     aligned = align_serial(table, "landmarks", SIZE)  # stands in for the Ray run: same rows
     monkeypatch.setattr(prep, "align_with_ray", lambda *a, **k: aligned)
-    kw = dict(size=SIZE, n_folds=5, fold_seed=3, log=lambda *_: None)
+    kw = {"size": SIZE, "n_folds": 5, "fold_seed": 3, "log": lambda *_: None}
     (out / ".ckplus.old-dead").mkdir()  # leftovers of an interrupted earlier build
     (out / ".ckplus.tmp-dead").mkdir()
     os.utime(out / ".ckplus.tmp-dead", (1e9, 1e9))
@@ -194,7 +194,7 @@ def test_tasks_and_actor_pool_give_the_serial_loops_faces(built, ray_session):
     res = ckplus.read(built["raw"])
     table = prep.input_table(res.records, built["raw"])
     serial = align_serial(table, "landmarks", SIZE)
-    key = lambda t: sorted(zip(t["path"].to_pylist(), t["image"].to_pylist(), t["reason"].to_pylist()))  # noqa: E731
+    key = lambda t: sorted(zip(t["path"].to_pylist(), t["image"].to_pylist(), t["reason"].to_pylist()))
     for compute in ("tasks", "actors"):
         out = prep.align_with_ray(table, "landmarks", SIZE, batch_size=16, compute=compute)
         assert out.num_rows == table.num_rows and key(out) == key(serial), compute
@@ -212,9 +212,10 @@ def test_compute_auto_picks_actors_for_models_and_gpus():
 
 def test_truncation_and_missing_landmarks_become_reasons(tmp_path):
     ok, jpg = cv2.imencode(".jpg", np.full((20, 20, 3), 90, np.uint8))
+    assert ok
     assert truncation(jpg.tobytes()) is None
     assert "truncated JPEG" in truncation(jpg.tobytes()[:-40])
-    ok, png = cv2.imencode(".png", np.zeros((20, 20), np.uint8))
+    _ok, png = cv2.imencode(".png", np.zeros((20, 20), np.uint8))
     assert truncation(png.tobytes()) is None and "truncated PNG" in truncation(png.tobytes()[:-20])
     (tmp_path / "f.png").write_bytes(png.tobytes())
     table = pa.table({"src": [str(tmp_path / "f.png"), str(tmp_path / "gone.png")], "video_frame": [-1, -1],
@@ -267,9 +268,10 @@ def test_fers_prepare_cli_on_mmi_then_bench(tmp_path, ray_session, capsys):
                                       "--repeats", "1", "--plot", str(plot)]))
     assert [r["images"] for r in sweep["sizes"]] == [16, 40]
     assert {"ray_fixed_s", "ray_ms_per_image", "serial_ms_per_image", "images_for_1.5x"} <= set(sweep["fit"])
-    from fers_dist.report.figures import SIZES, png_size
+    from fers_dist.data.bench import SCALING_SIZE
+    from fers_dist.plotting import png_size
 
-    assert png_size(plot) == SIZES["scaling"]
+    assert png_size(plot) == SCALING_SIZE
 
 
 def test_bench_prepare_break_even_fit():

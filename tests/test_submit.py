@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fers_dist import cli
-from fers_dist.dist import submit
+from fers_dist import cli, submit
 from fers_dist.errors import FersError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -50,7 +50,7 @@ def test_ckplus_files_follow_the_real_layout(ck):
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
-    a, b, c = (synthesize("oulu", tmp_path / n, 1, seed=s, size=96, progress=False) for n, s in
+    a, b, _c = (synthesize("oulu", tmp_path / n, 1, seed=s, size=96, progress=False) for n, s in
                (("a", 3), ("b", 3), ("c", 4)))
     assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
     assert tree_digest(tmp_path / "a") != tree_digest(tmp_path / "c")
@@ -100,7 +100,7 @@ def iris_hits(ck: Path, shift) -> tuple[int, int]:
         lm = parse_landmarks(f) + np.asarray(shift, np.float32)
         png = ck / "cohn-kanade-images" / f.parent.parent.name / f.parent.name / f.name.replace("_landmarks.txt", ".png")
         img = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE).astype(float)
-        px = lambda p: img[int(round(p[1])), int(round(p[0]))]  # noqa: E731
+        px = lambda p, img=img: img[round(p[1]), round(p[0])]
         for start in (36, 42):
             eye = lm[start:start + 6]
             if eye[4, 1] - eye[2, 1] < 4:  # nearly closed: no sclera to compare with

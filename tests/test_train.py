@@ -4,6 +4,7 @@ real faces only, clear errors. (The learning check on the demo's data is in test
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_lr_schedule_first_and_last_epoch(decay):
     assert lr_at(0, 500, s) == pytest.approx(1e-3)
     assert lr_at(499, 500, s) == pytest.approx(1e-5)
     values = [lr_at(e, 500, s) for e in range(500)]
-    assert all(a >= b - 1e-15 for a, b in zip(values, values[1:]))  # never increases
+    assert all(a >= b - 1e-15 for a, b in itertools.pairwise(values))  # never increases
 
 
 def test_lambda_idt_ramp_first_and_last_epoch():

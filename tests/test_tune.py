@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from fers_dist.config import ConfigError, dump_config, load_config, parse_config
-from fers_dist.dist import search_space as ss
-from fers_dist.dist.study import open_storage
 from fers_dist.errors import FersError
+from fers_dist.tune import search_space as ss
+from fers_dist.tune.study import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {"loss.lam_adv": 0.3, "loss.lam_rec": 1.0, "loss.lam_cyc": 0.5, "loss.lam_idt_start": 0.1,
@@ -135,8 +135,8 @@ def test_objective_never_touches_the_outer_test_fold(demo_cfg, monkeypatch):
     from test_train import decode_index, tagged_faces
 
     from fers_dist.data import loader
-    from fers_dist.dist.objective import NestedCV
-    from fers_dist.report import runs
+    from fers_dist.train import synthesis as runs
+    from fers_dist.tune.objective import NestedCV
 
     faces, outer = tagged_faces(n_subjects=10, per_subject=6), 3
     test_ids = set(torch.nonzero(faces.folds == outer).squeeze(1).tolist())
@@ -179,7 +179,7 @@ def test_searcher_records_asha_stops_rejections_and_interruptions(demo_cfg):
 
     from optuna.samplers import RandomSampler
 
-    from fers_dist.dist.searcher import FersOptunaSearch, RecordingASHA
+    from fers_dist.tune.searcher import FersOptunaSearch, RecordingASHA
 
     cfg = demo_cfg.with_overrides({"tune.space": {
         "schedule.lr_start": {"type": "loguniform", "low": 1e-4, "high": 1e-3},
@@ -221,7 +221,7 @@ def test_searcher_records_asha_stops_rejections_and_interruptions(demo_cfg):
 
 
 def test_gpu_request_on_a_cluster_without_gpus_fails_fast():
-    from fers_dist.dist.tune import concurrency
+    from fers_dist.tune.cli import concurrency
 
     with pytest.raises(FersError, match=r"tune\.gpus_per_trial: .*1 GPU but the Ray cluster has no GPUs \(CPU=2\)"):
         concurrency({"cpu": 1, "gpu": 1}, {"CPU": 2.0, "memory": 1e9}, None)
@@ -233,7 +233,7 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_fast():
 # -- whole studies through Ray -----------------------------------------------------------------
 @pytest.mark.ray
 def test_study_resumes_keeps_trials_and_guards_its_space(ray_session, tiny_tune, tmp_path):
-    from fers_dist.dist.tune import run_tune
+    from fers_dist.tune.cli import run_tune
 
     cfg, out = tiny_tune, str(tmp_path / "out")
     first = run_tune(cfg, out=out)
@@ -277,8 +277,8 @@ def test_study_resumes_keeps_trials_and_guards_its_space(ray_session, tiny_tune,
 
 @pytest.mark.ray
 def test_multi_objective_study_writes_a_pareto_front_and_evaluates_the_best(ray_session, tiny_tune, tmp_path):
-    from fers_dist.dist.tune import run_tune
     from fers_dist.results import folds_uri, read_folds
+    from fers_dist.tune.cli import run_tune
 
     cfg = tiny_tune.with_overrides({"tune.objective": "fer-fast", "tune.pruner": "asha", "tune.study": "mo",
                                     "cv.folds": [0], "train.epochs": 1})
@@ -326,20 +326,21 @@ def test_killed_run_resumes_without_repeating_finished_trials(ray_session, tiny_
     done = {t.number: t.params for t in by_state(load(cfg))["COMPLETE"]}
     assert 1 <= len(done) < 4
 
-    from fers_dist.dist.tune import run_tune
+    from fers_dist.tune.cli import run_tune
 
     summary = run_tune(cfg, out=str(tmp_path / "k"))
     study = load(cfg)
     assert summary["counted"] == 4 and len(by_state(study)["COMPLETE"]) == 4
     assert {n: study.trials[n].params for n in done} == done
     assert all(t.user_attrs["stop_reason"] == "interrupted" for t in by_state(study).get("FAIL", []))
-    left = subprocess.run(["ps", "-s", str(proc.pid), "-o", "stat="], capture_output=True, text=True).stdout.split()
+    left = subprocess.run(["ps", "-s", str(proc.pid), "-o", "stat="], capture_output=True, text=True,
+                          check=False).stdout.split()
     assert all(s.startswith("Z") for s in left), "processes of the killed run survived"
 
 
 def test_job_entry_point_runs_fers_tune():
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "tune_lambdas.py"), "--help"],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, check=False, text=True, timeout=60)
     assert r.returncode == 0 and "--trials" in r.stdout and "--evaluate-best" in r.stdout
 
 
@@ -347,6 +348,6 @@ def test_job_entry_point_runs_fers_tune():
 def test_shipped_configs_baseline_lies_in_their_search_space(path):
     """Each shipped config's own values are enqueued as a study's first trial: they must be in tune.space."""
     from fers_dist.config import load_config
-    from fers_dist.dist.search_space import check_space
+    from fers_dist.tune.search_space import check_space
 
     check_space(load_config(path), str(path))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -238,7 +238,7 @@ def get_aligner(name: str, size: int = 110, **opts) -> Aligner:
 _META = ("path", "dataset", "subject", "sequence", "frame", "label", "label_name")
 
 
-@lru_cache(maxsize=None)
+@cache
 def batch_schemas():
     """Arrow schemas of a batch going into ``AlignBatch`` and of the rows coming out."""
     import pyarrow as pa
@@ -290,7 +290,7 @@ class AlignBatch:
                 except (FaceNotFound, _BadImage) as e:
                     images.append(b"")
                     reasons.append(str(e))
-                except Exception as e:  # one bad file never stops the run; it is recorded
+                except Exception as e:  # noqa: BLE001  (one bad file never stops the run; it is recorded)
                     images.append(b"")
                     reasons.append(f"{type(e).__name__}: {e}")
         finally:

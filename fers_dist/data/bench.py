@@ -28,6 +28,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+SCALING_SIZE = (960, 400)  # pixels of the --plot figure
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from fers_dist.data.prepare import COMPUTE
@@ -158,7 +160,7 @@ def bench(args: argparse.Namespace) -> dict:
         print(f"synthetic {args.layout} faces in {folder} (not timed) ...", file=sys.stderr)
         records = _records(args, folder, sizes[-1])
         opts = {"upsample": args.dlib_upsample} if args.aligner == "dlib" else {}
-        common = dict(aligner=args.aligner, size=args.size, batch_size=args.batch_size, aligner_opts=opts)
+        common = {"aligner": args.aligner, "size": args.size, "batch_size": args.batch_size, "aligner_opts": opts}
         t0 = time.perf_counter()
         ray, started = prep.start_ray()
         ray_init_s = time.perf_counter() - t0
@@ -182,10 +184,41 @@ def bench(args: argparse.Namespace) -> dict:
     serial_s, ray_s = [r["serial_s"] for r in per_size], [r["ray_s"] for r in per_size]
     fit = break_even(sizes, serial_s, ray_s)
     if args.plot:
-        from fers_dist.report.figures import prepare_scaling
-
         title = (f"fers bench prepare: {args.aligner} aligner, {actors} {head['compute']}, {head['machine']}, "
                  f"best of {args.repeats}")
-        prepare_scaling(sizes, serial_s, ray_s, fit, title, args.plot)
+        scaling_plot(sizes, serial_s, ray_s, fit, title, args.plot)
         print(f"scaling plot: {args.plot}", file=sys.stderr)
     return {**head, "sizes": per_size, "fit": fit}
+
+
+def scaling_plot(sizes: list[int], serial_s: list[float], ray_s: list[float], fit: dict, title: str,
+                 path: str | Path) -> Path:
+    """``fers bench prepare`` over several sizes, ``SCALING_SIZE`` pixels: wall time of each path (left)
+    and the Ray path's speed-up (right), measured points with the fitted lines and the 1.5x target."""
+    import numpy as np
+
+    from fers_dist.plotting import figure, save_png
+
+    fig = figure(SCALING_SIZE)
+    left, right = fig.subplots(1, 2)
+    n = np.linspace(0, max(max(sizes), fit.get("images_for_1.5x") or 0) * 1.1, 200)
+    c, a, b = fit["serial_ms_per_image"] / 1e3, fit["ray_fixed_s"], fit["ray_ms_per_image"] / 1e3
+    left.plot(sizes, serial_s, "o", color="tab:gray", label=f"single-process loop ({c * 1e3:.2f} ms/face)")
+    left.plot(n, c * n, "-", color="tab:gray", lw=1)
+    left.plot(sizes, ray_s, "s", color="tab:blue", label=f"Ray Data ({a:.1f} s + {b * 1e3:.2f} ms/face)")
+    left.plot(n, a + b * n, "-", color="tab:blue", lw=1)
+    left.set(xlabel="faces", ylabel="wall seconds (best run)", xlim=(0, n[-1]), ylim=(0, None))
+    left.legend(loc="upper left", fontsize=8)
+    right.plot(sizes, np.asarray(serial_s) / np.asarray(ray_s), "s", color="tab:blue", label="measured")
+    m = n[1:]
+    right.plot(m, c * m / (a + b * m), "-", color="tab:blue", lw=1, label="fit")
+    right.axhline(1.5, ls="--", color="tab:red", lw=1, label="1.5x target")
+    right.axhline(1.0, ls=":", color="black", lw=0.8)
+    if fit.get("images_for_1.5x"):
+        right.axvline(fit["images_for_1.5x"], ls=":", color="tab:red", lw=0.8)
+    top = max(2.1, (fit["speedup_unlimited"] or 0) * 1.05)
+    right.set(xlabel="faces", ylabel="speed-up (serial / Ray)", xlim=(0, n[-1]), ylim=(0, top))
+    right.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_png(fig, path)

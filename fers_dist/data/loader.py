@@ -42,12 +42,12 @@ class FaceSet:
     def n_folds(self) -> int:
         return int(self.folds.max()) + 1 if len(self) else 0
 
-    def subset(self, idx: torch.Tensor) -> "FaceSet":
+    def subset(self, idx: torch.Tensor) -> FaceSet:
         idx = idx.to(self.labels.device)
         return replace(self, images=self.images[idx], labels=self.labels[idx],
                        subjects=self.subjects[idx], folds=self.folds[idx])
 
-    def to(self, device: torch.device | str) -> "FaceSet":
+    def to(self, device: torch.device | str) -> FaceSet:
         return replace(self, images=self.images.to(device), labels=self.labels.to(device),
                        subjects=self.subjects.to(device), folds=self.folds.to(device))
 
@@ -76,7 +76,7 @@ def load_faces(data: str | Path, dataset: str | None = None) -> FaceSet:
         raise DataError(f"{path}: no prepared dataset here{hint}")
     try:
         table = pq.read_table(path, columns=["image", "subject", "label", "label_name", "fold", "dataset"])
-    except Exception as e:  # pyarrow raises several types for corrupt or foreign files
+    except Exception as e:  # noqa: BLE001  (pyarrow raises several types for corrupt or foreign files)
         raise DataError(f"{path}: not a readable faces.parquet ({type(e).__name__}: {e})") from None
     if table.num_rows == 0:
         raise DataError(f"{path}: the prepared dataset has no faces")
@@ -156,7 +156,7 @@ def sample_augmentation(n: int, size: int, crop: int, rotations: list[float], mi
     Built once per batch and applied to the source image AND its target image, so the pair stays
     geometrically aligned for L_rec.
     """
-    kw = dict(generator=generator, device=device)
+    kw = {"generator": generator, "device": device}
     angles = torch.tensor(rotations, dtype=torch.float32, device=device)
     theta = angles[torch.randint(len(rotations), (n,), **kw)] * (math.pi / 180)
     flip = (torch.where(torch.rand(n, **kw) < 0.5, -1.0, 1.0) if mirror

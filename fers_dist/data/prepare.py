@@ -13,8 +13,8 @@ Output (the loader's contract), under ``<out>/<dataset>/``:
   content hash and the Table I comparison. ``rejected.parquet`` repeats the rejections as a table.
 
 A dataset is built in a temporary folder beside the target and swapped in only when complete; an
-unchanged input (same content hash) is a no-op unless ``--force``. Only this module (and dist/)
-imports ray, and only inside functions.
+unchanged input (same content hash) is a no-op unless ``--force``. Only this module (with cv/, tune/
+and submit.py) imports ray, and only inside functions.
 
 On a multi-node cluster the raw root must be on storage every node sees at the same path (the
 Ray workers read the image files); aligned faces come back to the driver, which writes the single file.
@@ -70,15 +70,21 @@ def input_table(records, root: str | Path):
     return pa.table(cols, schema=_schemas()[0])
 
 
-def start_ray():
-    """Connect to ``RAY_ADDRESS`` or start a local Ray, unless one is already up. Returns (ray, started)."""
+def start_ray(address: str | None = None, *, quiet: bool = False):
+    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray without its dashboard, unless Ray is
+    already up in this process. ``quiet``: a local Ray keeps its log set-up and the workers' output to
+    itself. Returns (ray, started); the caller shuts Ray down when ``started``. The one place fers-dist
+    connects to Ray (``fers_dist.cv.resources.ray_session`` wraps it for a block)."""
     import ray
 
     if ray.is_initialized():
         return ray, False
-    address = os.environ.get("RAY_ADDRESS")
-    kwargs = {} if address else {"include_dashboard": False}
-    ray.init(address=address, ignore_reinit_error=True, **kwargs)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address)
+    else:
+        ray.init(address=address, include_dashboard=False,
+                 **({"configure_logging": False, "log_to_driver": False} if quiet else {}))
     return ray, True
 
 

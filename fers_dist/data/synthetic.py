@@ -22,8 +22,8 @@ from fers_dist.errors import DataError
 LAYOUTS = ("ckplus", "oulu", "mmi", "bu4dfe")
 EXPRESSIONS = ("neutral", "anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise")
 # Peak expression geometry (canonical face units: half face width = 1; y points down).
-_E = dict(brow=0.0, inner=0.0, squeeze=0.0, eye=1.0, corner=0.0, width=1.0, gap=0.0, lip_up=0.0,
-          press=0.0, asym=0.0, nose=0.0)
+_E = {"brow": 0.0, "inner": 0.0, "squeeze": 0.0, "eye": 1.0, "corner": 0.0, "width": 1.0, "gap": 0.0, "lip_up": 0.0,
+          "press": 0.0, "asym": 0.0, "nose": 0.0}
 PEAKS = {
     "neutral": _E,
     "anger": {**_E, "brow": -0.10, "inner": -0.12, "squeeze": 0.07, "eye": 0.65, "corner": -0.03,
@@ -55,7 +55,7 @@ class Identity:
     skin: np.ndarray; hair: np.ndarray; hair_len: float; fringe: float; gain: float
 
     @classmethod
-    def sample(cls, rng: np.random.Generator) -> "Identity":
+    def sample(cls, rng: np.random.Generator) -> Identity:
         u = rng.uniform
         light, dark = np.array([200, 215, 240.0]), np.array([55, 80, 120.0])  # BGR skin range
         hairs = np.array([[25, 25, 30], [30, 50, 80], [70, 130, 180], [150, 150, 155], [20, 35, 60.0]])

@@ -11,7 +11,8 @@ Spatial sizes for the paper's 96x96 input: 96 -> 48 -> 24 -> 12 -> 6 through the
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn

@@ -117,7 +117,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
                         f"LightCNN_9Layers_checkpoint.pth.tar)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling, zip and legacy-format errors all mean "not a checkpoint"
+    except Exception as e:  # noqa: BLE001  (unpickling, zip and legacy-format errors all mean "not a checkpoint")
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise FersError(f"{path}: cannot read LightCNN-9 checkpoint ({type(e).__name__}: {reason}); "
                         f"expected {_EXPECTED}") from None

@@ -55,7 +55,8 @@ def _synthesis_figure(frame, dataset: str, exp_dir: Path, fig_dir: Path, data_ro
     from fers_dist.report import figures
     from fers_dist.report.experiment import slug
     from fers_dist.report.paper import dataset_name
-    from fers_dist.report.runs import centre_uint8, load_generator, load_row_faces, row_config, synthesise_all
+    from fers_dist.report.runs import load_generator, load_row_faces, row_config
+    from fers_dist.train.synthesis import centre_uint8, synthesise_all
 
     cands = frame[(frame["dataset"] == dataset) & (frame["status"] == "finished")
                   & frame["variant"].isin(["original", "fes_da"])]

@@ -50,7 +50,7 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         return read_folds(str(path))
     except FersError:
         raise
-    except Exception as e:  # pyarrow raises several types for a corrupt or foreign file
+    except Exception as e:  # noqa: BLE001  (pyarrow raises several types for a corrupt or foreign file)
         raise FersError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
 
 

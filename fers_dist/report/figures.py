@@ -1,6 +1,5 @@
 """Report figures (PNG through matplotlib's Agg canvas, no pyplot state): per-fold accuracy, confusion
-heatmaps, the synthesis grid (paper Fig. 4), ConvFLU gate maps (paper Fig. 3), and the prepare
-benchmark's scaling plot.
+heatmaps, the synthesis grid (paper Fig. 4) and ConvFLU gate maps (paper Fig. 3).
 
 Every figure has a fixed pixel size (``SIZES``, or :func:`grid_size` for the synthesis grid), so reports
 stay comparable and tests can check what was drawn.
@@ -8,40 +7,18 @@ stay comparable and tests can check what was drawn.
 
 from __future__ import annotations
 
-import io
-import struct
 from pathlib import Path
 
 import numpy as np
 
-from fers_dist.io import atomic_write_bytes
+from fers_dist.plotting import figure as _figure
+from fers_dist.plotting import png_size  # noqa: F401  (tests and callers read sizes through this module)
+from fers_dist.plotting import save_png as _save
 
-DPI = 100
-SIZES = {"fold_accuracy": (800, 450), "confusion": (640, 560), "gate_maps": (960, 820), "scaling": (960, 400)}
+SIZES = {"fold_accuracy": (800, 450), "confusion": (640, 560), "gate_maps": (960, 820)}
 GRID_CELL, GRID_TITLE, GRID_LABEL = 110, 60, 30  # pixels: one face, the title band, the row label band
 GATE_ROWS = (("fer_r", "FER←FES leaky gate r (eq. 1)"), ("fer_z", "FER←FES memory gate z (eq. 3)"),
              ("fes_r", "FES←FER leaky gate r (eq. 1)"), ("fes_z", "FES←FER memory gate z (eq. 3)"))
-
-
-def _figure(size: tuple[int, int]):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
-
-
-def _save(fig, path: str | Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
-
-
-def png_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) from a PNG's IHDR chunk."""
-    head = Path(path).read_bytes()[:24]
-    if head[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError(f"{path}: not a PNG file")
-    return struct.unpack(">II", head[16:24])
 
 
 def fold_accuracy(title: str, per_label: dict[str, dict[int, float]], expected: dict[str, int],
@@ -158,33 +135,4 @@ def gate_maps(maps: dict[str, np.ndarray], title: str, path: str | Path) -> Path
     if im is not None:
         cax = fig.add_axes([0.89, 0.1, 0.02, 0.75])
         fig.colorbar(im, cax=cax, label="gate value (mean over test faces and channels)")
-    return _save(fig, path)
-
-
-def prepare_scaling(sizes: list[int], serial_s: list[float], ray_s: list[float], fit: dict, title: str,
-                    path: str | Path) -> Path:
-    """``fers bench prepare`` over several sizes: wall time of each path (left) and the Ray path's
-    speed-up (right), measured points with the fitted lines and the 1.5x target."""
-    fig = _figure(SIZES["scaling"])
-    left, right = fig.subplots(1, 2)
-    n = np.linspace(0, max(max(sizes), fit.get("images_for_1.5x") or 0) * 1.1, 200)
-    c, a, b = fit["serial_ms_per_image"] / 1e3, fit["ray_fixed_s"], fit["ray_ms_per_image"] / 1e3
-    left.plot(sizes, serial_s, "o", color="tab:gray", label=f"single-process loop ({c * 1e3:.2f} ms/face)")
-    left.plot(n, c * n, "-", color="tab:gray", lw=1)
-    left.plot(sizes, ray_s, "s", color="tab:blue", label=f"Ray Data ({a:.1f} s + {b * 1e3:.2f} ms/face)")
-    left.plot(n, a + b * n, "-", color="tab:blue", lw=1)
-    left.set(xlabel="faces", ylabel="wall seconds (best run)", xlim=(0, n[-1]), ylim=(0, None))
-    left.legend(loc="upper left", fontsize=8)
-    right.plot(sizes, np.asarray(serial_s) / np.asarray(ray_s), "s", color="tab:blue", label="measured")
-    m = n[1:]
-    right.plot(m, c * m / (a + b * m), "-", color="tab:blue", lw=1, label="fit")
-    right.axhline(1.5, ls="--", color="tab:red", lw=1, label="1.5x target")
-    right.axhline(1.0, ls=":", color="black", lw=0.8)
-    if fit.get("images_for_1.5x"):
-        right.axvline(fit["images_for_1.5x"], ls=":", color="tab:red", lw=0.8)
-    top = max(2.1, (fit["speedup_unlimited"] or 0) * 1.05)
-    right.set(xlabel="faces", ylabel="speed-up (serial / Ray)", xlim=(0, n[-1]), ylim=(0, top))
-    right.legend(loc="lower right", fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)

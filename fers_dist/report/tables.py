@@ -13,8 +13,15 @@ import numpy as np
 import pandas as pd
 
 from fers_dist.report.experiment import Group, datasets, label_order, plural, slug
-from fers_dist.report.paper import (PRETRAINED_BU4DFE, PRETRAINED_TAG, TABLE_V_FES, TABLE_VI, VARIANT_ORDER,
-                                    dataset_name, variant_name)
+from fers_dist.report.paper import (
+    PRETRAINED_BU4DFE,
+    PRETRAINED_TAG,
+    TABLE_V_FES,
+    TABLE_VI,
+    VARIANT_ORDER,
+    dataset_name,
+    variant_name,
+)
 from fers_dist.report.stats import WILCOXON_MIN_PAIRS, format_p, mean_std, paired_tests
 
 DASH = "—"
@@ -220,8 +227,8 @@ def fes_table(fes: pd.DataFrame | None) -> Table | None:
         paper = TABLE_V_FES.get(d)
         rows.append([dataset_name(d), label, " ".join(map(str, part["fold"])), _pm(part["accuracy"]),
                      _pm(part["accuracy_cross"]), _pm(part["recogniser_real_accuracy"]),
-                     f"{_num(part['identity_cosine'].mean())} vs {_num(part['identity_cosine_other'].mean())} "
-                     f"({methods}; {int(part['identity_pairs'].sum())} pairs)",
+                     (f"{_num(part['identity_cosine'].mean())} vs {_num(part['identity_cosine_other'].mean())} "
+                      f"({methods}; {int(part['identity_pairs'].sum())} pairs)"),
                      DASH if paper is None else f"{paper:.2f}"])
         data.append({"dataset": d, "label": label, "folds": " ".join(map(str, part["fold"])),
                      "accuracy": 100 * part["accuracy"].mean(), "accuracy_std": 100 * mean_std(part["accuracy"])[1],
@@ -241,7 +248,7 @@ def fes_table(fes: pd.DataFrame | None) -> Table | None:
 
 # -- writers -----------------------------------------------------------------------------------------
 def to_markdown(t: Table) -> str:
-    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    esc = lambda s: str(s).replace("|", "\\|")
     lines = [f"### {t.title}", "", "| " + " | ".join(map(esc, t.columns)) + " |",
              "|" + "|".join("---" for _ in t.columns) + "|"]
     lines += ["| " + " | ".join(map(esc, r)) + " |" for r in t.rows]

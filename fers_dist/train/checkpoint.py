@@ -30,7 +30,7 @@ def load_checkpoint(path: str | Path, *, modules: dict, generator: torch.Generat
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (any failure here is reported as the one-line error below)
         raise FersError(f"{path}: unreadable fold checkpoint ({type(e).__name__}: {e})") from None
     for key, module in modules.items():
         if module is None:
@@ -53,5 +53,5 @@ def load_weights(path: str | Path, key: str = "model") -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return state["modules"][key]
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (any failure here is reported as the one-line error below)
         raise FersError(f"{path}: not a fers fold checkpoint with {key!r} weights ({type(e).__name__})") from None

@@ -15,18 +15,31 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from fers_dist.config import Config
-from fers_dist.data.loader import FaceSet, TargetSampler, apply_augmentation, sample_augmentation
+from fers_dist.data.loader import (
+    FaceSet,
+    TargetSampler,
+    apply_augmentation,
+    sample_augmentation,
+)
 from fers_dist.model import build_model
 from fers_dist.model.discriminator import PatchDiscriminator
-from fers_dist.model.losses import cls_loss, cyc_loss, gan_loss, idt_loss, lambda_idt, rec_loss, total_loss
+from fers_dist.model.losses import (
+    cls_loss,
+    cyc_loss,
+    gan_loss,
+    idt_loss,
+    lambda_idt,
+    rec_loss,
+    total_loss,
+)
 from fers_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from fers_dist.train.evaluate import accuracy, autocast
 from fers_dist.train.identity import build_identity
@@ -81,7 +94,7 @@ class Trainer:
         self.amp = cfg.train.amp and self.device.type == "cuda"
         if cfg.train.channels_last:  # faster on CUDA and on CPU (oneDNN), measured in docs/BENCHMARKS.md
             self.model = self.model.to(memory_format=torch.channels_last)
-        opt_kw = dict(betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
+        opt_kw = {"betas": (cfg.optim.beta1, cfg.optim.beta2), "weight_decay": cfg.optim.weight_decay}
         sched = cfg.schedule if lr is None else cfg.schedule.model_copy(update={"lr_start": lr, "lr_end": lr})
         self.opt_g = torch.optim.Adam(self.model.parameters(), lr=sched.lr_start, **opt_kw)
         self.sched_g = make_scheduler(self.opt_g, self.epochs, sched)

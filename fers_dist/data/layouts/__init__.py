@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from fers_dist.data.layouts import bu4dfe, ckplus, mmi, oulu
 from fers_dist.data.layouts.base import FaceRecord, ReadResult, TableReport

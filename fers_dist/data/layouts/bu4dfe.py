@@ -18,7 +18,12 @@ import re
 from pathlib import Path
 
 from fers_dist.data.layouts.base import (
-    Collector, ReadResult, check_root, frame_number, list_images, sorted_dirs,
+    Collector,
+    ReadResult,
+    check_root,
+    frame_number,
+    list_images,
+    sorted_dirs,
 )
 
 NAME = "bu4dfe"

@@ -15,7 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from fers_dist.data.layouts.base import (
-    Collector, ReadResult, check_root, frame_number, list_images, parse_landmarks, pick_last, sorted_dirs,
+    Collector,
+    ReadResult,
+    check_root,
+    frame_number,
+    list_images,
+    parse_landmarks,
+    pick_last,
+    sorted_dirs,
 )
 
 NAME = "ckplus"

@@ -30,7 +30,14 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from fers_dist.data.layouts.base import (
-    IMAGE_EXTS, Collector, ReadResult, check_root, frame_number, list_images, pick_middle, sorted_dirs,
+    IMAGE_EXTS,
+    Collector,
+    ReadResult,
+    check_root,
+    frame_number,
+    list_images,
+    pick_middle,
+    sorted_dirs,
 )
 from fers_dist.errors import DataError
 
@@ -119,7 +126,7 @@ def _read_session(col: Collector, sess: Path, codes: dict[int, str]) -> None:
         return
     label = CLASS_NAMES.index(label_name)
     subject = xmls[0].stem.split("-")[0]
-    meta = dict(subject=subject, sequence=f"{sess.name}", label=label, label_name=label_name)
+    meta = {"subject": subject, "sequence": f"{sess.name}", "label": label, "label_name": label_name}
     videos = sorted(p for p in sess.iterdir() if p.suffix.lower() in VIDEO_EXTS)
     frames = list_images(sess)
     if frames:

@@ -14,7 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from fers_dist.data.layouts.base import (
-    Collector, ReadResult, check_root, frame_number, list_images, pick_last, sorted_dirs,
+    Collector,
+    ReadResult,
+    check_root,
+    frame_number,
+    list_images,
+    pick_last,
+    sorted_dirs,
 )
 from fers_dist.errors import DataError
 

@@ -6,6 +6,9 @@ the cluster that runs locally. The address comes from --address, else RAY_ADDRES
 http://127.0.0.1:8265 (``ray dashboard cluster/aws.yaml`` or ``kubectl port-forward`` put the
 dashboard there). Token authentication: RAY_AUTH_TOKEN, or RAY_AUTH_MODE=token with the token in
 RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (Ray's own order), is sent as a bearer token.
+
+A client of the cluster: imports only ``config`` and ``errors`` of fers-dist. With ``data/prepare.py``,
+``cv/`` and ``tune/``, one of the places Ray lives.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fers_dist.errors import FersError
 

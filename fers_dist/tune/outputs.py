@@ -136,7 +136,7 @@ def plots(study, metrics: list[str], keys: list[str], log=print) -> dict[str, by
                 warnings.simplefilter("ignore", ExperimentalWarning)
                 warnings.simplefilter("ignore", UserWarning)
                 out[fname] = _png(_figure(draw()))
-        except Exception as e:  # Optuna refuses plots it has too little data for
+        except Exception as e:  # noqa: BLE001  (Optuna refuses plots it has too little data for)
             log(f"tune: skipped {fname} ({type(e).__name__}: {e})")
     return out
 

@@ -9,7 +9,7 @@ subject encoder trained on the fold's TRAINING subjects only. The result states 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ class DlibEmbedder:
         import cv2
 
         for pad_share in DLIB_PADS:
-            pad = int(round(gray.shape[0] * pad_share))
+            pad = round(gray.shape[0] * pad_share)
             big = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=int(np.median(gray)))
             big = cv2.resize(big, (DLIB_SIZE, DLIB_SIZE), interpolation=cv2.INTER_CUBIC)
             rgb = np.ascontiguousarray(np.repeat(big[..., None], 3, axis=2))
@@ -100,7 +100,7 @@ def cosine_scores(src: np.ndarray, syn: np.ndarray, subjects: np.ndarray) -> dic
     """Mean cosine of each source with its OWN synthesised faces (``identity_cosine``) and, as the
     reference an identity measure must beat, with the synthesised faces of OTHER subjects
     (``identity_cosine_other``). NaN embeddings (no face found) are left out."""
-    unit = lambda a: a / (np.linalg.norm(a, axis=-1, keepdims=True) + 1e-12)  # noqa: E731
+    unit = lambda a: a / (np.linalg.norm(a, axis=-1, keepdims=True) + 1e-12)
     s, y = unit(src), unit(syn)  # [N, D], [N, E, D]
     cos = np.einsum("id,jtd->ijt", s, y)  # cos[i, j, t]: source i vs synth of source j, target t
     valid = ~np.isnan(cos)

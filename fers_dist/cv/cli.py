@@ -10,7 +10,6 @@ Runs embedded Ray on a laptop, or joins a cluster via --address / RAY_ADDRESS.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     overrides: dict = {}
-    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]
     if args.datasets:
         overrides["cv.datasets"] = split(args.datasets)
     if args.variants:
@@ -110,13 +109,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = absolute(config_from_args(args))
     runs = plan_runs(cfg)
     if args.dry_run:
-        from fers_dist.dist.plan import print_plan
+        from fers_dist.cv.plan import print_plan
 
         print_plan(cfg, runs, args.images_per_s, args.gpus)
         return 0
     check_inputs(cfg, runs)
     frame = run_cv(cfg, runs, tag=args.tag, address=args.address)
-    from fers_dist.dist.progress import summary_table
+    from fers_dist.cv.progress import summary_table
 
     print(summary_table(frame))
     return 0 if len(frame) and (frame["status"] == "finished").all() else 1
@@ -124,16 +123,18 @@ def run(args: argparse.Namespace) -> int:
 
 def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", address: str | None = None):
     """Run every unfinished run of ``cfg``'s grid; returns the experiment's folds.parquet as a frame."""
-    import ray
-
-    from fers_dist.dist.resources import describe, free_resources, plan_resources
+    from fers_dist.cv.resources import (
+        describe,
+        free_resources,
+        plan_resources,
+        ray_session,
+    )
     from fers_dist.results import folds_uri, read_folds
 
     cfg = absolute(cfg)
     runs = runs if runs is not None else plan_runs(cfg)
     storage, experiment = cfg.cv.storage, cfg.cv.experiment
-    started = _ray_up(address)
-    try:
+    with ray_session(address, quiet=True):
         done = _finished(read_folds(folds_uri(storage, experiment)), cfg, tag)
         todo = [r for r in runs if (r.dataset, r.variant, r.fold) not in done]
         print(f"fers cv: {experiment}: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
@@ -147,9 +148,6 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", addre
             if wave:
                 _run_wave(cfg, wave, res, tag)
         return read_folds(folds_uri(storage, experiment))
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _finished(frame, cfg: Config, tag: str) -> set[tuple]:
@@ -159,24 +157,11 @@ def _finished(frame, cfg: Config, tag: str) -> set[tuple]:
     return set(zip(mine["dataset"], mine["variant"], mine["fold"]))
 
 
-def _ray_up(address: str | None) -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
-    return True
-
-
 def _run_wave(cfg: Config, wave: list[Run], res, tag: str) -> None:
     from ray import tune
 
-    from fers_dist.dist.fold_run import checkpoint_home, fold_trial
-    from fers_dist.dist.progress import ProgressTable, RowWriter
+    from fers_dist.cv.fold_run import checkpoint_home, fold_trial
+    from fers_dist.cv.progress import ProgressTable, RowWriter
     from fers_dist.results import run_name
 
     storage, experiment = cfg.cv.storage, cfg.cv.experiment

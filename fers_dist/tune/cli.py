@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -155,25 +154,14 @@ def make_sampler(name: str, seed: int, multi: bool):
     return optuna.samplers.CmaEsSampler(seed=seed)
 
 
-def connect_ray(address: str | None):
-    """Connect to ``address`` / RAY_ADDRESS or start a local Ray, unless one is up. Returns (ray, started)."""
-    import ray
-
-    if ray.is_initialized():
-        return ray, False
-    addr = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=addr, **({} if addr and addr != "local" else {"include_dashboard": False}))
-    return ray, True
-
-
 # -- the run -----------------------------------------------------------------------------------
 def run_tune(cfg: Config, *, out: str | None = None, force: bool = False, evaluate_best: bool = False,
              address: str | None = None, source: str = "<config>", log=_stderr) -> dict:
     """Run (or resume) the study of ``cfg.tune`` and write its outputs; returns a summary dict."""
-    from fers_dist.dist import search_space as ss
-    from fers_dist.dist import study as st
-    from fers_dist.dist.objective import OBJECTIVES
-    from fers_dist.dist.tune_outputs import write_outputs
+    from fers_dist.tune import search_space as ss
+    from fers_dist.tune import study as st
+    from fers_dist.tune.objective import OBJECTIVES
+    from fers_dist.tune.outputs import write_outputs
 
     t = cfg.tune
     cfg = cfg.with_overrides({"model.variant": t.variant})
@@ -218,13 +206,17 @@ def _run_trials(cfg: Config, study, storage, n: int, epochs: int, metrics: list[
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from fers_dist.dist import study as st
-    from fers_dist.dist.resources import free_resources
-    from fers_dist.dist.searcher import FersOptunaSearch, ProgressCallback, RecordingASHA, tune_trial
+    from fers_dist.cv.resources import free_resources, ray_session
+    from fers_dist.tune import study as st
+    from fers_dist.tune.searcher import (
+        FersOptunaSearch,
+        ProgressCallback,
+        RecordingASHA,
+        tune_trial,
+    )
 
     t, multi = cfg.tune, len(metrics) > 1
-    ray, started = connect_ray(address)
-    try:
+    with ray_session(address):
         resources = trial_resources(cfg)
         max_conc = concurrency(resources, free_resources(), t.max_concurrent)
         scheduler = None
@@ -269,9 +261,6 @@ def _run_trials(cfg: Config, study, storage, n: int, epochs: int, metrics: list[
         return {"ray_trials": len(grid), "errors": len(errors), "rejected_points": searcher.rejected,
                 "asha_stopped": len(scheduler.stopped_early) if scheduler else 0, "max_concurrent": max_conc,
                 "fit_s": fit_s, "experiment": f"{ray_root}/{t.study}-run{run_index}"}
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _worker_config(cfg: Config) -> dict:
@@ -287,7 +276,7 @@ def _trial_dirname(trial) -> str:
 
 
 def _distributions(cfg: Config) -> dict:
-    from fers_dist.dist.search_space import distributions
+    from fers_dist.tune.search_space import distributions
 
     return distributions(cfg.tune.space)
 
@@ -295,12 +284,12 @@ def _distributions(cfg: Config) -> dict:
 def evaluate_best_config(best_yaml: str, address: str | None, log) -> dict:
     """Run the tuned config through the normal ``fers cv`` on the outer folds, tagged "tuned", so the
     tuned and the paper's runs sit side by side in the same experiment's folds.parquet."""
-    from fers_dist.dist.cv import run_cv
+    from fers_dist.cv.cli import run_cv
 
     tuned = load_config(best_yaml)
     log(f"tune: --evaluate-best: fers cv --config {best_yaml} --tag tuned")
     frame = run_cv(tuned, tag="tuned", address=address)
     mine = frame[(frame["tag"] == "tuned") & (frame["config_hash"] == tuned.hash())] if len(frame) else frame
     done = mine[mine["status"] == "finished"] if len(mine) else mine
-    return {"runs": int(len(mine)), "finished": int(len(done)),
+    return {"runs": len(mine), "finished": len(done),
             "mean_accuracy": float(done["accuracy"].mean()) if len(done) else None}

@@ -74,8 +74,8 @@ class ProgressTable(Callback):
             return
         self.last = time.time()
         counts = {k: sum(1 for s in self.state.values() if s["status"] == k) for k in ("finished", "running", "failed")}
-        lines = [f"[fers cv {time.time() - self.t0:6.0f}s] {counts['finished']}/{self.total} finished, "
-                 f"{counts['running']} running, {counts['failed']} failed"]
+        lines = [(f"[fers cv {time.time() - self.t0:6.0f}s] {counts['finished']}/{self.total} finished, "
+                  f"{counts['running']} running, {counts['failed']} failed")]
         for name, s in sorted(self.state.items()):
             if s["status"] != "finished" or force:
                 acc = "" if s["acc"] is None else f"{s['acc']:.3f}"

@@ -20,7 +20,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from fers_dist.config import Config, parse_config
-from fers_dist.dist.search_space import point_error
+from fers_dist.tune.search_space import point_error
 
 logger = logging.getLogger(__name__)
 MAX_REJECTS = 200  # consecutive invalid points before giving up (check_feasible makes this unlikely)
@@ -44,7 +44,7 @@ def tune_trial(params: dict, *, base: dict, outer_fold: int, inner_folds: int, e
                devices_held: float) -> None:
     """One trial: the base config with the sampled ``params`` (dotted keys), nested CV in lockstep,
     one ``tune.report`` per epoch. Runs inside a Ray worker; the objective itself is Ray-free."""
-    from fers_dist.dist.objective import NestedCV
+    from fers_dist.tune.objective import NestedCV
 
     cfg = parse_config(base, source="tune base config").with_overrides(params)
     faces = _faces(cfg.data.root, base["tune"]["dataset"])
@@ -122,7 +122,7 @@ class FersOptunaSearch(OptunaSearch):
             state = TrialState.PRUNED if reason == "asha" else TrialState.FAIL
             try:
                 self._ot_study.tell(ot_trial, state=state)
-            except Exception as exc:  # e.g. the storage went away; Ray keeps going
+            except Exception as exc:  # noqa: BLE001  (e.g. the storage went away; Ray keeps going)
                 logger.warning("could not record trial %s as %s: %s", trial_id, state.name, exc)
             self._completed_trials.add(trial_id)
             return None

@@ -10,6 +10,8 @@ workers; fractional GPUs pack several folds on one card). Tune's concurrency is 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from fers_dist.config import CVConfig
@@ -30,6 +32,20 @@ class RunResources:
         return self.worker.get("GPU", 0) > 0 or self.trial.get("gpu", 0) > 0
 
 
+@contextmanager
+def ray_session(address: str | None = None, *, quiet: bool = False) -> Iterator[None]:
+    """Ray for a block (:func:`fers_dist.data.prepare.start_ray`), shut down afterwards if the block
+    started it."""
+    from fers_dist.data.prepare import start_ray
+
+    ray, started = start_ray(address, quiet=quiet)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def free_resources(settle_s: float = 5.0) -> dict:
     """CPUs and GPUs this driver can still get: the cluster's totals less what is held. A job submitted
     with ``fers submit`` holds ``--num-cpus`` (default 1) for its own entrypoint, and other jobs may hold
@@ -45,8 +61,8 @@ def free_resources(settle_s: float = 5.0) -> dict:
     deadline = time.monotonic() + settle_s
     while True:
         free = ray.available_resources()
-        for k in best:
-            best[k] = max(best[k], min(float(total.get(k, 0)), float(free.get(k, 0))))
+        for k, seen in best.items():
+            best[k] = max(seen, min(float(total.get(k, 0)), float(free.get(k, 0))))
         if all(best[k] >= float(total.get(k, 0)) for k in best) or time.monotonic() > deadline:
             return best
         time.sleep(0.25)

@@ -23,13 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def bench(args: argparse.Namespace) -> dict:
     import ray
 
-    from fers_dist.config import load_config
+    from fers_dist.config import DEMO_YAML, load_config
+    from fers_dist.cv.cli import plan_runs, run_cv
+    from fers_dist.cv.resources import free_resources, plan_resources
     from fers_dist.data.loader import load_faces
     from fers_dist.data.prepare import prepare
     from fers_dist.data.synthetic import synthesize
-    from fers_dist.demo import DEMO_YAML
-    from fers_dist.dist.cv import plan_runs, run_cv
-    from fers_dist.dist.resources import free_resources, plan_resources
     from fers_dist.train.fold import fit_fold
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fers-bench-cv-"))

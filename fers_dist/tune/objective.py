@@ -10,7 +10,7 @@ Objectives (``tune.objective``):
 
 - ``fer``: maximise ``inner_val_accuracy`` (mean over the inner folds).
 - ``fer+fes``: also maximise ``fes_realism`` (Pareto front), measured at the last epoch with the paper's
-  Table V protocol inside each inner fold (``fers_dist.report.fes_eval.fes_eval_fold``): an independent
+  Table V protocol inside each inner fold (``fers_dist.train.fes_eval.fes_eval_fold``): an independent
   recogniser (``no_mtl``, trained with L_cls on the inner fold's REAL training faces, with the BASE
   config, so it is the same judge for every trial) classifies every target expression synthesised for
   every inner-validation face; the score is its accuracy. The judge (and the identity network) is
@@ -23,8 +23,8 @@ Objectives (``tune.objective``):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import torch
 
@@ -130,7 +130,7 @@ class NestedCV:
 
     def fes_eval(self, f: int) -> dict:
         """Table V inside inner fold ``f``: the cached real-data judge rates this trial's synthesis."""
-        from fers_dist.report.fes_eval import fes_eval_fold
+        from fers_dist.train.fes_eval import fes_eval_fold
 
         train, val = self.splits[f]
         inner = FaceSet(images=torch.cat([train.images, val.images]), labels=torch.cat([train.labels, val.labels]),

@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-DEMO = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "demo.yaml"
+from fers_dist.config import DEMO_YAML
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=str(DEMO), help="base config (model size, batch)")
+    p.add_argument("--config", default=str(DEMO_YAML), help="base config (model size, batch)")
     p.add_argument("--data-root", help="folder with oulu/faces.parquet (default: synthesise one)")
     p.add_argument("--subjects", type=int, default=24, help="synthetic subjects when no --data-root")
     p.add_argument("--overhead-trials", type=int, default=8)
@@ -61,10 +61,10 @@ def plain_optuna(cfg, n: int, storage: str) -> float:
     import optuna
     import torch
 
-    from fers_dist.dist import search_space as ss
-    from fers_dist.dist.objective import NestedCV
-    from fers_dist.dist.searcher import _faces
-    from fers_dist.dist.tune import make_sampler, trial_epochs
+    from fers_dist.tune import search_space as ss
+    from fers_dist.tune.cli import make_sampler, trial_epochs
+    from fers_dist.tune.objective import NestedCV
+    from fers_dist.tune.searcher import _faces
 
     t, epochs, threads = cfg.tune, trial_epochs(cfg), torch.get_num_threads()
     torch.set_num_threads(1)  # as a Ray trial holding < 1 CPU (OMP_NUM_THREADS=1)
@@ -102,7 +102,7 @@ def _overhead(args, study, work: Path) -> dict:
 def _study_stats(summary: dict, cfg) -> dict:
     import optuna
 
-    from fers_dist.dist.study import open_storage
+    from fers_dist.tune.study import open_storage
 
     study = optuna.load_study(study_name=cfg.tune.study, storage=open_storage(cfg.tune.storage))
     ran = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
@@ -117,13 +117,14 @@ def _study_stats(summary: dict, cfg) -> dict:
 
 def bench(args: argparse.Namespace) -> dict:
     from fers_dist.config import load_config
-    from fers_dist.dist.tune import connect_ray, run_tune
+    from fers_dist.data.prepare import start_ray
+    from fers_dist.tune.cli import run_tune
 
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="fers-bench-tune-")
     work = Path(args.workdir or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    ray, started = connect_ray(None)
+    ray, started = start_ray()
     init_s = time.perf_counter() - t0
     try:
         root = _data(args, work)
@@ -143,8 +144,8 @@ def bench(args: argparse.Namespace) -> dict:
             result.update(_overhead(args, study, work))
             _log(f"bench tune: {result}")
         if not args.skip_asha:
-            kw = dict(trials=args.asha_trials, epochs=args.asha_epochs, grace_period=args.grace_period,
-                      reduction_factor=args.reduction_factor)
+            kw = {"trials": args.asha_trials, "epochs": args.asha_epochs, "grace_period": args.grace_period,
+                      "reduction_factor": args.reduction_factor}
             asha = _study_stats(study("asha", pruner="asha", **kw)[1], base.with_overrides(
                 {"tune.study": "asha", "tune.storage": f"sqlite:///{work / 'asha'}.db"}))
             full = _study_stats(study("full", pruner="none", **kw)[1], base.with_overrides(

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from fers_dist.config import Config
-from fers_dist.dist.search_space import space_signature
 from fers_dist.errors import FersError
+from fers_dist.tune.search_space import space_signature
 
 ATTR_SPACE, ATTR_PROTOCOL, ATTR_OBJECTIVE = "fers_space", "fers_protocol", "fers_objective"
 
@@ -52,7 +52,7 @@ def open_storage(url: str):
         storage.get_all_studies()  # a real round trip
     except FersError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (any failure here is reported as the one-line error below)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise FersError(f"tune.storage {url!r}: cannot be opened ({type(e).__name__}: {first})") from None
     return storage

@@ -1,0 +1,128 @@
+"""The paper's Table V protocol on one fold: an independent recogniser (``no_mtl``, L_cls only) trained on
+the fold's REAL training faces, every target expression synthesised for every test face by the FERSNet
+generator, and the recogniser's accuracy on those synthesised faces (paper: CK+ 97.04, Oulu-CASIA
+81.52), plus identity preservation (``identity_score``). Plain PyTorch; ``fers fes-eval``
+(``fers_dist.report.fes_eval``) runs it over an experiment's checkpoints and the λ study's FES objective
+inside each inner fold.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+RECOGNISER_SEED_OFFSET = 7919  # the recogniser's RNG stream differs from the fold run's
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def train_recogniser(cfg, train, fold: int, epochs: int | None = None, checkpoint: str | Path | None = None,
+                     log=_stderr):
+    """The independent recogniser of Table V: ``no_mtl`` (FER branch alone) trained with L_cls on the
+    fold's REAL training faces (``train``, a FaceSet on the device). Resumes from ``checkpoint``."""
+    import torch
+
+    from fers_dist.train.trainer import Trainer
+
+    rcfg = cfg.with_overrides({"model.variant": "no_mtl"})
+    g = torch.Generator(device=train.images.device)
+    g.manual_seed(cfg.train.seed * 1000 + fold + RECOGNISER_SEED_OFFSET)
+    trainer = Trainer(rcfg, train, g, objective="cls", epochs=epochs or cfg.train.epochs, log=log)
+    trainer.fit(checkpoint)
+    return trainer.model.eval()
+
+
+def _predict(model, images, crop: int, batch_size: int = 256):
+    import torch
+
+    from fers_dist.data.loader import center_crop
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return torch.cat([model(center_crop(images[i:i + batch_size].to(device), crop)).logits.argmax(1).cpu()
+                          for i in range(0, len(images), batch_size)])
+
+
+def fes_eval_fold(cfg, data, fold: int, generator, *, recogniser_epochs: int | None = None,
+                  recogniser_checkpoint: str | Path | None = None, identity: str = "auto",
+                  identity_faces: int | None = None, device: str | None = None, cache: dict | None = None,
+                  log=_stderr) -> dict:
+    """Table V protocol on one fold.
+
+    ``cfg``: the run's Config; ``data``: a FaceSet or a prepared dataset path; ``generator``: the FERSNet
+    (an nn.Module, or a checkpoint path holding its ``model`` weights). The recogniser is trained for
+    ``recogniser_epochs`` (default ``train.epochs``), resuming from ``recogniser_checkpoint``; pass the same
+    ``cache`` dict for every generator evaluated on this fold and it is trained once (so is the identity
+    network). ``identity``: auto, dlib or lightcnn; ``identity_faces``: use only this many test faces
+    (spread evenly) for identity.
+    Returns accuracy on the synthesised faces (``accuracy``; ``accuracy_cross`` leaves out each face's own
+    expression), per-class accuracy by target, the confusion matrix, the recogniser's accuracy on the real
+    test faces, and ``identity_cosine`` with ``identity_method`` (``identity_cosine_other``: the same
+    measure against other subjects' synthesised faces, the level a real identity match must exceed).
+    """
+    import torch
+
+    from fers_dist.data.loader import FaceSet, load_faces, split_fold
+    from fers_dist.model import build_model
+    from fers_dist.train.checkpoint import load_weights
+    from fers_dist.train.fold import resolve_device
+    from fers_dist.train.identity_score import identity_similarity, lightcnn_network
+    from fers_dist.train.synthesis import centre_uint8, synthesise_all
+
+    t0 = time.perf_counter()
+    faces = data if isinstance(data, FaceSet) else load_faces(data)
+    train_idx, test_idx = split_fold(faces, fold)
+    dev = resolve_device(device or cfg.train.device)
+    E, crop = faces.num_classes, cfg.model.input_size
+    train, test = faces.subset(train_idx).to(dev), faces.subset(test_idx)
+    if not isinstance(generator, torch.nn.Module):
+        model = build_model(cfg.model.model_copy(update={"variant": "original"}), E)
+        model.load_state_dict(load_weights(generator, "model"))
+        generator = model
+    generator = generator.to(dev).eval()
+    epochs = recogniser_epochs or cfg.train.epochs
+    cache = {} if cache is None else cache
+    if "recogniser" not in cache:
+        cache["recogniser"] = train_recogniser(cfg, train, fold, epochs, recogniser_checkpoint, log)
+    recogniser = cache["recogniser"].to(dev).eval()
+
+    synth = synthesise_all(generator, test.images, crop, E)  # [N, E, C, crop, crop] uint8
+    n = len(test)
+    target = torch.arange(E).repeat(n)
+    own = test.labels.cpu().repeat_interleave(E)
+    pred = _predict(recogniser, synth.flatten(0, 1), crop)
+    confusion = torch.bincount(target * E + pred, minlength=E * E).view(E, E)
+    per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
+    cross = target != own
+    real_pred = _predict(recogniser, test.images, crop)
+
+    pick = torch.arange(n)
+    if identity_faces and identity_faces < n:
+        pick = torch.linspace(0, n - 1, identity_faces).round().long().unique()
+
+    def lightcnn():
+        if "identity" not in cache:
+            g = torch.Generator(device=dev)
+            g.manual_seed(cfg.train.seed * 1000 + fold)
+            cache["identity"] = lightcnn_network(cfg, train, g, log)
+        return cache["identity"]
+
+    ident = identity_similarity(centre_uint8(test.images[pick], crop), synth[pick], test.subjects[pick].cpu(),
+                                identity, lightcnn)
+    return {
+        "dataset": faces.dataset, "fold": fold, "accuracy": float((pred == target).float().mean()),
+        "accuracy_cross": float((pred[cross] == target[cross]).float().mean()) if cross.any() else float("nan"),
+        "per_class_accuracy": per_class, "confusion": confusion.tolist(), "class_names": list(faces.class_names),
+        "n_source_images": n, "n_synth_images": int(target.numel()),
+        "recogniser_real_accuracy": float((real_pred == test.labels.cpu()).float().mean()),
+        "recogniser_epochs": int(epochs), **ident, "wall_s": time.perf_counter() - t0,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    }
