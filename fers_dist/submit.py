@@ -224,6 +224,7 @@ def storage_warnings(entrypoint: list[str], working_dir: str | os.PathLike) -> l
 
 
 # -- submit and wait ----------------------------------------------------------------------------
+AGENT_WAIT_S = 60.0  # how long a fresh head may take to start the agent that accepts jobs
 def submit_job(entrypoint: list[str], address: str | None = None, working_dir: str | os.PathLike = ".",
                runtime_env_extra: dict | None = None, entrypoint_num_cpus: float = 1.0,
                entrypoint_num_gpus: float | None = None, submission_id: str | None = None) -> str:
@@ -236,16 +237,19 @@ def submit_job(entrypoint: list[str], address: str | None = None, working_dir: s
     client = make_client(resolve_address(address))
     from ray.exceptions import RayError
 
-    try:
-        return client.submit_job(
-            entrypoint=shlex.join(entrypoint),
-            runtime_env=build_runtime_env(working_dir, runtime_env_extra),
-            entrypoint_num_cpus=entrypoint_num_cpus,
-            entrypoint_num_gpus=entrypoint_num_gpus,
-            submission_id=submission_id,
-        )
-    except (ConnectionError, RuntimeError, RayError) as e:
-        raise FersError(f"job submission to {client.get_address()} failed: {_first_line(e)}") from None
+    runtime_env = build_runtime_env(working_dir, runtime_env_extra)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
+                                     entrypoint_num_cpus=entrypoint_num_cpus,
+                                     entrypoint_num_gpus=entrypoint_num_gpus, submission_id=submission_id)
+        except (ConnectionError, RuntimeError, RayError) as e:
+            # a head that just started answers before its job agent is up: that passes, anything else is final
+            if "No available agent" in str(e) and time.monotonic() < deadline:
+                time.sleep(2.0)
+                continue
+            raise FersError(f"job submission to {client.get_address()} failed: {_first_line(e)}") from None
 
 
 def wait_for_job(client_or_address, job_id: str, timeout: float, poll_s: float = 2.0):
