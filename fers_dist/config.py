@@ -146,6 +146,10 @@ class CVConfig(_Section):
     gpus_per_run: float = Field(1.0, ge=0, description="fractional values pack runs on one GPU")
     cpus_per_run: float = Field(1.0, gt=0)
     max_failures: int = Field(2, ge=0)
+    shared_filesystem: bool = Field(
+        False, description="the local paths (data.root, cv.storage) hold the same files on every node: an NFS "
+                           "mount, a per-node copy of the read-only data, or one machine; required for local "
+                           "paths on a multi-node cluster or with workers_per_run > 1")
 
 
 class SearchParam(_Section):
@@ -245,6 +249,30 @@ class Config(_Section):
         keep["data"].pop("root")
         blob = json.dumps(keep, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def resolve_paths(cfg: Config, base: str | os.PathLike | None = None) -> Config:
+    """Every path field made absolute against ``base`` (the driver's working directory) and checked,
+    before any Ray worker or trial starts: those ``chdir`` into their own run folders, where a relative
+    path points nowhere. URIs are kept as they are. A missing ``identity.checkpoint`` is a one-line error
+    naming the field; ``data.root`` is checked per dataset by the commands (with the ``fers prepare`` line
+    to run), and ``cv.storage`` is created."""
+    from fers_dist.storage import is_uri
+
+    base = Path(base or os.getcwd())
+    fields = {"data.root": cfg.data.root, "cv.storage": cfg.cv.storage}
+    if cfg.identity.backbone == "lightcnn9" and cfg.identity.checkpoint:
+        fields["identity.checkpoint"] = cfg.identity.checkpoint
+    out = {}
+    for key, value in fields.items():
+        if is_uri(value):
+            continue
+        path = (base / Path(value.removeprefix("file://")).expanduser()).resolve()
+        if key == "identity.checkpoint" and not path.is_file():
+            raise ConfigError(f"{key}: {value!r} not found (resolved on the driver to {path})")
+        if str(path) != value:
+            out[key] = str(path)
+    return cfg.with_overrides(out) if out else cfg
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from pathlib import Path
 
 import pandas as pd
 
 from fers_dist.errors import FersError
+from fers_dist.storage import filesystem
 
 KEY = ["dataset", "variant", "fold", "config_hash", "tag"]
 JSON_COLUMNS = ("gate_means", "gate_maps", "history", "config")
@@ -24,6 +24,12 @@ JSON_COLUMNS = ("gate_means", "gate_maps", "history", "config")
 def run_name(dataset: str, variant: str, fold: int, tag: str = "") -> str:
     """Deterministic run names (Train V2 resumes a run by name): ``ckplus-original-f3``."""
     return f"{dataset}-{variant}-f{fold}" + (f"-{tag}" if tag and tag != "paper" else "")
+
+
+def run_key(dataset: str, variant: str, fold: int, tag: str, config_hash: str) -> str:
+    """Where a run keeps its checkpoints and Ray state: its name plus the hash of the config that trains
+    it (``ckplus-original-f3-1a2b3c4d5e6f``), so a changed config never resumes another config's model."""
+    return f"{run_name(dataset, variant, fold, tag)}-{config_hash}"
 
 
 def result_row(result, *, experiment: str, tag: str = "paper", checkpoint_uri: str = "",
@@ -38,15 +44,6 @@ def result_row(result, *, experiment: str, tag: str = "paper", checkpoint_uri: s
     return row
 
 
-def _fs(uri: str):
-    import pyarrow.fs as pafs
-
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except Exception as e:  # noqa: BLE001  (any failure here is reported as the one-line error below)
-        raise FersError(f"storage {uri!r}: cannot open ({e})") from None
-
-
 def experiment_uri(storage: str, experiment: str) -> str:
     return f"{storage.rstrip('/')}/{experiment}"
 
@@ -55,16 +52,12 @@ def folds_uri(storage: str, experiment: str) -> str:
     return f"{experiment_uri(storage, experiment)}/folds.parquet"
 
 
-def _local(uri: str) -> str:
-    return str(Path(uri).resolve()) if "://" not in uri else uri
-
-
 def read_folds(uri: str) -> pd.DataFrame:
     """Read a folds.parquet (path or URI). Missing file -> empty frame."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    fs, path = _fs(_local(uri))
+    fs, path = filesystem(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return pd.DataFrame()
     return pq.read_table(path, filesystem=fs).to_pandas()
@@ -75,8 +68,8 @@ def append_rows(storage: str, experiment: str, rows: list[dict]) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    uri = folds_uri(_local(storage), experiment)
-    fs, path = _fs(uri)
+    uri = folds_uri(storage, experiment)
+    fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     new = pd.DataFrame(rows)
     old = read_folds(uri)
@@ -90,7 +83,7 @@ def append_rows(storage: str, experiment: str, rows: list[dict]) -> str:
 
 def check_writable(storage: str) -> None:
     """Fail fast (before any run starts) when the storage cannot be written."""
-    fs, path = _fs(_local(storage))
+    fs, path = filesystem(storage)
     probe = f"{path.rstrip('/')}/.fers-write-test-{uuid.uuid4().hex}"
     try:
         fs.create_dir(path, recursive=True)

@@ -7,15 +7,18 @@ import os
 
 import pytest
 
+pytest_plugins = ["cluster_fixtures"]  # the multi-node Ray cluster and the loopback S3 server
+
 os.environ.setdefault("RAY_ACCEPT_CLUSTER_CONFIG_UPDATE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# read when ray is imported: clients keep 127.0.0.1 instead of the machine's address (tests stay on loopback)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """The one Ray instance of the test session."""
+def start_local_ray():
+    """The session's local Ray: 2 CPUs, no dashboard (cluster_fixtures.py restarts it after a cluster)."""
     import ray
 
     if not ray.is_initialized():
@@ -26,6 +29,13 @@ def ray_session():
             log_to_driver=False,
             configure_logging=False,
         )
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The one Ray instance of the test session."""
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
 

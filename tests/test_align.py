@@ -106,3 +106,42 @@ def test_fan_fails_fast_without_weights_and_never_downloads(tmp_path, monkeypatc
     assert all(n in msg for n in names) and str(ckpt) in msg and "\n" not in msg
     with pytest.raises(AlignerUnavailable, match=str(tmp_path / "hub2" / "checkpoints")):
         align.preflight("fan", hub_dir=str(tmp_path / "hub2"))
+
+
+class _Raises:
+    """An aligner that fails the way a GPU aligner can, or the way a bad face does."""
+
+    wants_color = False
+
+    def __init__(self, exc: Exception):
+        self.exc = exc
+
+    def align(self, image, landmarks=None):
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc, infrastructure", [
+    (__import__("torch").cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+    (MemoryError(), True),
+    (ValueError("landmarks out of the frame"), False),
+    (cv2.error("OpenCV(5.0) resize: !ssize.empty()"), False),
+])
+def test_machine_faults_fail_the_batch_and_bad_faces_are_rejected(tmp_path, exc, infrastructure):
+    """fers prepare counts a face it cannot align as rejected, but a CUDA error or OOM is the machine's
+    fault: it fails the run with its message, and no face is rejected for it."""
+    import pyarrow as pa
+
+    src = tmp_path / "face.png"
+    cv2.imwrite(str(src), np.full((64, 64), 128, np.uint8))
+    batch = pa.table({"src": [str(src)], "video_frame": [-1], "landmarks": [b""], "path": ["face.png"],
+                      "dataset": ["ckplus"], "subject": ["S1"], "sequence": ["001"], "frame": [1], "label": [1],
+                      "label_name": ["anger"]}, schema=align.batch_schemas()[0])
+    worker = align.AlignBatch("center", 32)
+    worker.aligner = _Raises(exc)
+    if infrastructure:
+        with pytest.raises(type(exc)):
+            worker(batch)
+    else:
+        out = worker(batch).to_pydict()
+        assert out["image"] == [b""] and type(exc).__name__ in out["reason"][0]

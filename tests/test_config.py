@@ -84,3 +84,24 @@ def test_hash_ignores_storage_but_not_lambdas():
     a = Config()
     assert a.hash() == parse_config({"cv": {"storage": "/elsewhere"}}).hash()
     assert a.hash() != a.with_overrides({"loss.lam_adv": 0.31}).hash()
+
+
+def test_every_path_field_is_resolved_on_the_driver(tmp_path):
+    """Ray trials and workers chdir into their run folders: relative paths are made absolute against the
+    driver's working directory before anything starts, URIs stay, a missing checkpoint names its field."""
+    from fers_dist.config import resolve_paths
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "lcnn.pth").write_bytes(b"x")
+    cfg = Config().with_overrides({"identity.checkpoint": "w/lcnn.pth", "data.root": "data",
+                                   "cv.storage": "results"})
+    out = resolve_paths(cfg, base=tmp_path)
+    assert out.identity.checkpoint == str(tmp_path / "w" / "lcnn.pth")
+    assert (out.data.root, out.cv.storage) == (str(tmp_path / "data"), str(tmp_path / "results"))
+    remote = resolve_paths(cfg.with_overrides({"cv.storage": "s3://b/r"}), base=tmp_path)
+    assert remote.cv.storage == "s3://b/r"
+    with pytest.raises(ConfigError, match=r"^identity.checkpoint: 'w/none.pth' not found \(resolved on the driver"):
+        resolve_paths(cfg.with_overrides({"identity.checkpoint": "w/none.pth"}), base=tmp_path)
+    # the checkpoint only matters where it is used
+    assert resolve_paths(cfg.with_overrides({"identity.checkpoint": "w/none.pth", "identity.backbone": "none"}),
+                         base=tmp_path).identity.checkpoint == "w/none.pth"

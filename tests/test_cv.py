@@ -3,6 +3,7 @@ folds.parquet rows, and clear errors before any run starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,9 +16,10 @@ import pytest
 
 from fers_dist.config import ConfigError, CVConfig
 from fers_dist.cv.cli import Run, check_inputs, plan_runs, run_cv
-from fers_dist.cv.resources import plan_resources
+from fers_dist.cv.fold_run import choose_device
+from fers_dist.cv.resources import check_placeable, plan_resources
 from fers_dist.errors import FersError
-from fers_dist.results import append_rows, folds_uri, read_folds
+from fers_dist.results import append_rows, folds_uri, read_folds, run_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +95,66 @@ def test_dry_run_starts_nothing(tiny_cfg, tmp_path, capsys):
     assert "120 runs" in out and "8 GPU(s)" in out and "GPU-hours" in out
 
 
+def test_devices_follow_what_ray_assigned(monkeypatch):
+    assert choose_device("auto", [], cuda_usable=True) == "cpu"  # holds no GPU: never CUDA, even on a GPU node
+    assert choose_device("cpu", ["0"], cuda_usable=False) == "cpu"  # logical GPUs, a deliberate CPU run
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # Ray narrows the visible devices to the assigned one
+    assert choose_device("auto", ["3"], cuda_usable=True) == "cuda:0"
+    assert choose_device("cuda", ["3"], cuda_usable=True) == "cuda:0"
+    with pytest.raises(FersError, match="assigned GPU 3 to this run but CUDA is not usable"):
+        choose_device("auto", ["3"], cuda_usable=False)  # never a silent CPU run
+    with pytest.raises(FersError, match="'cuda' but this run holds no GPU"):
+        choose_device("cuda", [], cuda_usable=True)
+    with pytest.raises(FersError, match=r"train.device: 'cuda:1' is not allowed under Ray"):
+        choose_device("cuda:1", ["0"], cuda_usable=True)
+
+
+def test_what_a_cluster_cannot_place_is_refused_before_any_run(tiny_cfg):
+    cfg = tiny_cfg.with_overrides({"cv.storage": "/results", "data.root": "/data"})
+    check_placeable(cfg, nodes=1)  # one node, one worker per run: local disk is fine
+    with pytest.raises(FersError, match=r"^cv.storage and data.root: local paths but the cluster has 3 nodes"):
+        check_placeable(cfg, nodes=3)
+    check_placeable(cfg.with_overrides({"cv.shared_filesystem": True}), nodes=3)
+    with pytest.raises(FersError, match=r"^data.root: local path but the cluster has 3 nodes"):
+        check_placeable(cfg.with_overrides({"cv.storage": "s3://bucket/results"}), nodes=3)
+    with pytest.raises(FersError, match=r"^cv.storage and data.root: local paths but cv.workers_per_run=2"):
+        check_placeable(cfg.with_overrides({"cv.workers_per_run": 2}), nodes=1)
+    with pytest.raises(FersError, match=r"^data.root: 's3://b/d': prepared data is read from a filesystem path"):
+        check_placeable(cfg.with_overrides({"data.root": "s3://b/d"}), nodes=1)
+    with pytest.raises(FersError, match=r"^train.device: 'cuda:0' is not allowed under Ray"):
+        check_placeable(cfg.with_overrides({"train.device": "cuda:0"}), nodes=1)
+
+
+def test_data_parallel_needs_whole_gpus_per_worker():
+    with pytest.raises(FersError, match=r"gpus_per_run=1 over cv.workers_per_run=2: .* whole GPUs per worker"):
+        plan_resources(CVConfig(workers_per_run=2, gpus_per_run=1), {"CPU": 8, "GPU": 4})
+    assert plan_resources(CVConfig(workers_per_run=2, gpus_per_run=2), {"CPU": 8, "GPU": 4}).worker["GPU"] == 1
+    assert plan_resources(CVConfig(workers_per_run=1, gpus_per_run=0.5), {"CPU": 8, "GPU": 1}).max_concurrent == 2
+
+
 # -- real runs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_changed_config_never_resumes_another_configs_checkpoint(tiny_cfg, prepared_data, tmp_path, ray_session):
+    """Run a fold; change one loss weight; run again: the second run trains from epoch 0 in its own
+    checkpoint folder, both rows are kept, and the two models differ."""
+    import torch
+
+    cfg = cv_cfg(tiny_cfg, prepared_data, tmp_path, datasets=["ckplus"], variants=["original"], folds=[0],
+                 workers_per_run=0, gpus_per_run=0, cpus_per_run=1)
+    changed = cfg.with_overrides({"loss.lam_rec": 2.0})
+    first, second = run_cv(cfg), run_cv(changed)
+    assert len(first) == 1 and len(second) == 2 and (second["status"] == "finished").all()
+    rows = second.set_index("config_hash")
+    assert set(rows.index) == {cfg.hash(), changed.hash()}
+    assert json.loads(rows.loc[changed.hash(), "history"])[0]["epoch"] == 0  # trained, not resumed
+    assert rows.loc[changed.hash(), "checkpoint_uri"] != rows.loc[cfg.hash(), "checkpoint_uri"]
+    w = [torch.load(Path(rows.loc[h, "checkpoint_uri"]) / "main.pt", weights_only=True)["modules"]["model"]
+         for h in (cfg.hash(), changed.hash())]
+    assert any(not torch.equal(w[0][k], w[1][k]) for k in w[0])
+
 
 
 @pytest.mark.slow
@@ -141,7 +202,7 @@ def test_real_workers_pack_and_survive_a_killed_worker(tiny_cfg, prepared_data, 
     assert len(straight) == 3 and (straight["status"] == "finished").all()
 
     killed_cfg = cfg.with_overrides({"cv.storage": str(tmp_path / "b"), "cv.folds": [0]})
-    ckdir = tmp_path / "b" / cfg.cv.experiment / "checkpoints" / "ckplus-original-f0"
+    ckdir = tmp_path / "b" / cfg.cv.experiment / "checkpoints" / run_key("ckplus", "original", 0, "paper", cfg.hash())
     kills = []
 
     def killer():
@@ -197,9 +258,12 @@ def test_data_parallel_run_trains_one_fold_on_two_workers(tiny_cfg, prepared_dat
     """workers_per_run=2: two Train workers (a gloo group) share one fold and the driver writes one row."""
     cfg = cv_cfg(tiny_cfg, prepared_data, tmp_path, datasets=["ckplus"], variants=["original"], folds=[0],
                  workers_per_run=2, gpus_per_run=0, cpus_per_run=1)
+    with pytest.raises(FersError, match=r"cv.storage and data.root: local paths but cv.workers_per_run=2"):
+        run_cv(cfg)  # the ranks must share the checkpoints: only the config can promise a shared filesystem
+    cfg = cfg.with_overrides({"cv.shared_filesystem": True})  # one machine: every rank sees the same disk
     frame = run_cv(cfg)
     assert len(frame) == 1 and frame.iloc[0]["status"] == "finished"
     assert frame.iloc[0]["epochs_run"] == cfg.train.epochs
-    ckdir = tmp_path / cfg.cv.experiment / "checkpoints" / "ckplus-original-f0"
+    ckdir = tmp_path / cfg.cv.experiment / "checkpoints" / run_key("ckplus", "original", 0, "paper", cfg.hash())
     pids = {(ckdir / f).read_text() for f in ("worker.pid", "worker1.pid")}
     assert len(pids) == 2 and (ckdir / "main.pt").exists()

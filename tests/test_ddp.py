@@ -86,3 +86,32 @@ def test_epoch_metrics_are_global_and_agree(ranks):
 def test_only_rank_zero_writes_checkpoints(ranks):
     out, _, _ = ranks
     assert (out / "r0" / "main.pt").exists() and not (out / "r1" / "main.pt").exists()
+
+
+def _decide_main(rank: int, port: int, out: str) -> None:
+    from types import SimpleNamespace
+
+    from fers_dist.train.trainer import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        me = SimpleNamespace(world=WORLD, device=torch.device("cpu"))
+        seen = os.path.join(out, "exists.pt")
+        gone = os.path.join(out, "missing.pt")
+        # rank 0 sees a checkpoint that rank 1 does not, then the other way round
+        a = Trainer._resume_decided_by_rank0(me, seen if rank == 0 else gone)
+        b = Trainer._resume_decided_by_rank0(me, gone if rank == 0 else seen)
+        torch.save({"a": a, "b": b}, os.path.join(out, f"decided{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_zero_decides_the_resume_for_every_rank(tmp_path):
+    """The ranks of a data-parallel run can never resume at different epochs: whatever a rank sees, it
+    resumes exactly when rank 0 resumes (and fails loudly if it cannot read rank 0's checkpoint)."""
+    (tmp_path / "exists.pt").write_bytes(b"x")
+    mp.start_processes(_decide_main, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn",
+                       join=True)
+    decided = [torch.load(tmp_path / f"decided{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert decided == [{"a": True, "b": False}] * WORLD

@@ -11,7 +11,7 @@ import torch
 
 from fers_dist.config import ScheduleConfig
 from fers_dist.data.loader import FaceSet
-from fers_dist.errors import DataError
+from fers_dist.errors import DataError, FersError
 from fers_dist.model.losses import lambda_idt
 from fers_dist.train import fold as fold_mod
 from fers_dist.train.fes_da import synthesize_balanced
@@ -180,3 +180,30 @@ def test_identity_none_records_lambda4_zero(tiny):
     r = fit_fold(tiny.with_overrides({"identity.backbone": "none"}), tagged_faces(), 0, log=lambda m: None)
     assert r.identity == "none" and r.lam_idt_used is False
     assert all(h["lam_idt"] == 0 for h in r.history)
+
+
+def test_a_checkpoint_made_under_another_config_is_refused(tiny, tmp_path):
+    cfg = tiny.with_overrides({"identity.backbone": "none", "train.epochs": 1})
+    faces = tagged_faces()
+    fit_fold(cfg, faces, 2, checkpoint_dir=tmp_path, log=lambda m: None)
+    other = cfg.with_overrides({"loss.lam_rec": 2.0})
+    with pytest.raises(FersError, match=rf"main.pt: checkpoint was made under config {cfg.hash()}, this run's "
+                                        rf"config is {other.hash()}"):
+        fit_fold(other, faces, 2, checkpoint_dir=tmp_path, log=lambda m: None)
+    with pytest.raises(FersError, match="checkpoint was made under config"):  # fes_da's init_from too
+        fit_fold(other.with_overrides({"model.variant": "fes_da"}), faces, 2, init_from=tmp_path / "main.pt",
+                 log=lambda m: None)
+
+
+def test_checkpoints_keep_only_the_training_devices_cuda_rng(tmp_path):
+    """A run may resume on a node that sees fewer GPUs: the checkpoint holds the training device's CUDA RNG
+    alone (none on the CPU), and an old checkpoint holding every visible GPU's RNG still loads."""
+    from fers_dist.train.checkpoint import load_checkpoint, save_checkpoint
+
+    net, g = torch.nn.Linear(2, 2), torch.Generator().manual_seed(0)
+    save_checkpoint(tmp_path / "c.pt", epoch=0, modules={"model": net}, generator=g, history=[])
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert "cuda" not in state["rng"]
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8  # the old format: all 8 GPUs of a node
+    torch.save(state, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt", modules={"model": net}, generator=g)["epoch"] == 0

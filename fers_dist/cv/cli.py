@@ -13,9 +13,8 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from fers_dist.config import DATASETS, VARIANTS, Config, load_config
+from fers_dist.config import DATASETS, VARIANTS, Config, load_config, resolve_paths
 from fers_dist.errors import FersError
 
 
@@ -39,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers-per-run", type=int, help="override cv.workers_per_run (0 = local mode)")
     p.add_argument("--gpus-per-run", type=float, help="override cv.gpus_per_run (0.25 packs 4 per GPU)")
     p.add_argument("--cpus-per-run", type=float, help="override cv.cpus_per_run (split across the run's workers)")
+    p.add_argument("--shared-filesystem", action="store_true", default=None,
+                   help="cv.shared_filesystem: the local paths (data root, storage) hold the same files on every "
+                        "node (NFS, a per-node copy of the read-only data, or one machine)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimates; start nothing")
     p.add_argument("--images-per-s", type=float,
@@ -57,7 +59,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         overrides["cv.folds"] = "all" if args.folds == "all" else [_int(f, "--folds") for f in split(args.folds)]
     for flag, key in (("storage", "cv.storage"), ("data_root", "data.root"), ("experiment", "cv.experiment"),
                       ("resume", "cv.experiment"), ("workers_per_run", "cv.workers_per_run"),
-                      ("gpus_per_run", "cv.gpus_per_run"), ("cpus_per_run", "cv.cpus_per_run")):
+                      ("gpus_per_run", "cv.gpus_per_run"), ("cpus_per_run", "cv.cpus_per_run"),
+                      ("shared_filesystem", "cv.shared_filesystem")):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
     return load_config(args.config, overrides)
@@ -95,25 +98,14 @@ def check_inputs(cfg: Config, runs: list[Run]) -> None:
     check_writable(cfg.cv.storage)
 
 
-def absolute(cfg: Config) -> Config:
-    """Local paths made absolute: Ray workers do not share the driver's working directory."""
-    o = {}
-    if "://" not in cfg.cv.storage:
-        o["cv.storage"] = str(Path(cfg.cv.storage).resolve())
-    if "://" not in cfg.data.root:
-        o["data.root"] = str(Path(cfg.data.root).resolve())
-    return cfg.with_overrides(o) if o else cfg
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = absolute(config_from_args(args))
+    cfg = config_from_args(args)
     runs = plan_runs(cfg)
     if args.dry_run:
         from fers_dist.cv.plan import print_plan
 
         print_plan(cfg, runs, args.images_per_s, args.gpus)
         return 0
-    check_inputs(cfg, runs)
     frame = run_cv(cfg, runs, tag=args.tag, address=args.address)
     from fers_dist.cv.progress import summary_table
 
@@ -124,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
 def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", address: str | None = None):
     """Run every unfinished run of ``cfg``'s grid; returns the experiment's folds.parquet as a frame."""
     from fers_dist.cv.resources import (
+        alive_nodes,
+        check_placeable,
         describe,
         free_resources,
         plan_resources,
@@ -131,10 +125,12 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", addre
     )
     from fers_dist.results import folds_uri, read_folds
 
-    cfg = absolute(cfg)
+    cfg = resolve_paths(cfg)  # every path absolute on the driver: trials and workers chdir
     runs = runs if runs is not None else plan_runs(cfg)
+    check_inputs(cfg, runs)
     storage, experiment = cfg.cv.storage, cfg.cv.experiment
     with ray_session(address, quiet=True):
+        check_placeable(cfg, alive_nodes())
         done = _finished(read_folds(folds_uri(storage, experiment)), cfg, tag)
         todo = [r for r in runs if (r.dataset, r.variant, r.fold) not in done]
         print(f"fers cv: {experiment}: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
@@ -162,16 +158,17 @@ def _run_wave(cfg: Config, wave: list[Run], res, tag: str) -> None:
 
     from fers_dist.cv.fold_run import checkpoint_home, fold_trial
     from fers_dist.cv.progress import ProgressTable, RowWriter
-    from fers_dist.results import run_name
+    from fers_dist.results import run_key
+    from fers_dist.storage import exists
 
-    storage, experiment = cfg.cv.storage, cfg.cv.experiment
+    storage, experiment, h = cfg.cv.storage, cfg.cv.experiment, cfg.hash()
     configs = []
     for r in wave:
         run_cfg = cfg.with_overrides({"model.variant": r.variant})
         init_from = None
-        if r.variant == "fes_da" and "://" not in storage:
-            main = Path(checkpoint_home(storage, experiment, run_name(r.dataset, "original", r.fold, tag))) / "main.pt"
-            init_from = str(main) if main.exists() else None
+        if r.variant == "fes_da":  # reuse the original model of the same fold and config (same hash)
+            main = f"{checkpoint_home(storage, experiment, run_key(r.dataset, 'original', r.fold, tag, h))}/main.pt"
+            init_from = main if exists(main) else None
         configs.append({"dataset": r.dataset, "variant": r.variant, "fold": r.fold, "tag": tag,
                         "cfg": run_cfg.model_dump(mode="json"), "storage": storage, "experiment": experiment,
                         "workers": res.workers, "worker": res.worker, "max_failures": cfg.cv.max_failures,

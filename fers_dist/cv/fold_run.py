@@ -1,34 +1,84 @@
 """One (dataset, variant, fold) run on Ray: the per-worker ``train_func`` and the Tune trial that starts it.
 
-The trial builds a ``TorchTrainer`` named after the run (``ckplus-original-f3``), so Train V2 resumes it
-by name; ``workers_per_run=0`` uses Train's local mode inside the trial (reports then go straight to
-Tune, since ``ray.train.report`` is refused inside a Tune function). The final report carries the fold's
-result row (``fold_result``), which the driver appends to folds.parquet.
+The trial builds a ``TorchTrainer`` named after the run and its config hash (``run_key``:
+``ckplus-original-f3-1a2b3c4d5e6f``), so Train V2 resumes it by name and a changed config starts afresh;
+``workers_per_run=0`` uses Train's local mode inside the trial (reports then go straight to Tune, since
+``ray.train.report`` is refused inside a Tune function). The final report carries the fold's result row
+(``fold_result``), which the driver appends to folds.parquet.
 
-Checkpoints: with local (or NFS) storage, ``fit_fold`` writes straight into
-``<storage>/<experiment>/checkpoints/<run>/`` and resumes from there after any restart, of a worker or of
-the whole experiment. With object storage (s3://, gs://) checkpoints travel through ``ray.train.report``
-and come back through ``get_checkpoint()``.
+Checkpoints live at ``<storage>/<experiment>/checkpoints/<run_key>/`` (``main.pt``, and ``fes_da.pt``
+for fes_da), one file each, replaced at every save, so a run keeps a bounded number of objects. With a
+local or NFS path ``fit_fold`` writes there directly. With object storage (s3://, gs://) it writes to a
+local folder, rank 0 uploads each save to the same place, and a run that starts again, on any node,
+downloads it and resumes. The checkpoints also carry the config hash, and ``fit_fold`` refuses one made
+under another config.
+
+Devices come from what Ray assigned to the run (:func:`choose_device`), never from what the node has.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from fers_dist.config import parse_config
-from fers_dist.results import experiment_uri, result_row, run_name
+from fers_dist.errors import FersError
+from fers_dist.results import experiment_uri, result_row, run_key, run_name
+from fers_dist.storage import download, exists, is_uri, upload
+
+CHECKPOINT_FILES = ("main.pt", "fes_da.pt")
 
 
-def is_remote(storage: str) -> bool:
-    return "://" in storage and not storage.startswith("file://")
+def checkpoint_home(storage: str, experiment: str, key: str) -> str:
+    return f"{experiment_uri(storage, experiment)}/checkpoints/{key}"
 
 
-def checkpoint_home(storage: str, experiment: str, name: str) -> str:
-    return f"{experiment_uri(storage, experiment)}/checkpoints/{name}"
+def choose_device(requested: str, gpu_ids: list, cuda_usable: bool) -> str:
+    """The torch device of a run under Ray, from the GPUs Ray assigned to it (``gpu_ids``).
+
+    ``cpu`` stays on the CPU (logical GPUs on a CPU cluster, or a deliberate CPU run). A run that holds no
+    GPU never touches CUDA, even on a GPU node. GPUs assigned but CUDA unusable is an error, never a silent
+    CPU run. ``cuda:N`` is refused: under Ray the GPU is Ray's choice."""
+    if requested == "cpu":
+        return "cpu"
+    if requested.startswith("cuda:"):
+        raise FersError(f"train.device: {requested!r} is not allowed under Ray, which assigns the GPU; use "
+                        f"auto, cuda or cpu")
+    if not gpu_ids:
+        if requested == "cuda":
+            raise FersError("train.device: 'cuda' but this run holds no GPU (set cv.gpus_per_run > 0)")
+        return "cpu"
+    if not cuda_usable:
+        raise FersError(f"Ray assigned GPU {', '.join(map(str, gpu_ids))} to this run but CUDA is not usable "
+                        f"in this process; fix the node's driver/torch build, or set train.device: cpu")
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    first = str(gpu_ids[0])
+    return f"cuda:{visible.index(first) if first in visible else int(first)}"
+
+
+def _ray_device(requested: str, local_mode: bool) -> str:
+    import ray
+    import torch
+
+    if not local_mode and requested != "cpu" and ray.get_gpu_ids():
+        import ray.train.torch
+
+        choose_device(requested, ray.get_gpu_ids(), torch.cuda.is_available())  # the same checks
+        return str(ray.train.torch.get_device())
+    return choose_device(requested, ray.get_gpu_ids(), torch.cuda.is_available())
+
+
+def _local_checkpoints(home: str, key: str) -> Path:
+    """A local folder holding the run's checkpoints: ``home`` itself, or a copy of what remote storage has."""
+    if not is_uri(home):
+        return Path(home)
+    ckdir = Path(tempfile.mkdtemp(prefix=f"fers-{key}-"))
+    for name in CHECKPOINT_FILES:
+        if exists(f"{home}/{name}"):
+            download(f"{home}/{name}", ckdir / name)
+    return ckdir
 
 
 def train_func(config: dict) -> None:
@@ -40,55 +90,54 @@ def train_func(config: dict) -> None:
 
     local_mode = config["workers"] == 0
     report_fn = ray.tune.report if local_mode else ray.train.report
-    Checkpoint = ray.tune.Checkpoint if local_mode else ray.train.Checkpoint
-    get_checkpoint = ray.tune.get_checkpoint if local_mode else ray.train.get_checkpoint
     rank = 0 if local_mode else ray.train.get_context().get_world_rank()  # > 0 only for data parallel
 
     cfg = parse_config(config["cfg"], source="run config")
-    storage, remote = config["storage"], is_remote(config["storage"])
+    device = _ray_device(cfg.train.device, local_mode)
     name = run_name(config["dataset"], cfg.model.variant, config["fold"], config["tag"])
-    if remote:  # checkpoints travel through Ray; resume from the last one reported
-        ckdir = Path(tempfile.mkdtemp(prefix=f"fers-{name}-"))
-        restored = get_checkpoint()
-        if restored is not None:
-            with restored.as_directory() as d:
-                shutil.copytree(d, ckdir, dirs_exist_ok=True)
-    else:
-        ckdir = Path(checkpoint_home(storage, config["experiment"], name))
+    key = run_key(config["dataset"], cfg.model.variant, config["fold"], config["tag"], cfg.hash())
+    home = checkpoint_home(config["storage"], config["experiment"], key)
+    ckdir = _local_checkpoints(home, key)
     ckdir.mkdir(parents=True, exist_ok=True)
     (ckdir / f"worker{rank or ''}.pid").write_text(str(os.getpid()))  # the fault-tolerance test finds us
+    init_from = config.get("init_from")
+    if init_from and is_uri(init_from):  # fes_da: the original run's main.pt, read from the bucket
+        init_from = str(download(init_from))
 
     def report(metrics: dict, saved: str | None) -> None:
-        attach = Checkpoint.from_directory(str(ckdir)) if saved and remote else None
-        report_fn({**metrics, "run": name}, checkpoint=attach)
+        if saved and is_uri(home) and rank == 0:
+            upload(saved, f"{home}/{Path(saved).name}")
+        report_fn({**metrics, "run": name})
 
     data = Path(cfg.data.root) / config["dataset"]
-    result = fit_fold(cfg, data, config["fold"], report=report, checkpoint_dir=ckdir,
-                      init_from=config.get("init_from"))
-    row = result_row(result, experiment=config["experiment"], tag=config["tag"],
-                     checkpoint_uri="" if remote else str(ckdir), config=config["cfg"])
-    final = {"run": name, "final": True, "test_accuracy": result.accuracy, "fold_result": json.dumps(row)}
-    report_fn(final, checkpoint=Checkpoint.from_directory(str(ckdir)) if remote and rank == 0 else None)
+    result = fit_fold(cfg, data, config["fold"], report=report, checkpoint_dir=ckdir, init_from=init_from,
+                      device=device)
+    row = result_row(result, experiment=config["experiment"], tag=config["tag"], checkpoint_uri=home,
+                     config=config["cfg"])
+    row["node_id"] = ray.get_runtime_context().get_node_id()
+    report_fn({"run": name, "final": True, "test_accuracy": result.accuracy, "fold_result": json.dumps(row)})
 
 
 def fold_trial(config: dict) -> None:
     """Tune function trainable: start the run's TorchTrainer and wait for it."""
     config = config.get("run", config)  # the grid puts each run's settings under "run"
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = parse_config(config["cfg"], source="run config")
-    name = run_name(config["dataset"], cfg.model.variant, config["fold"], config["tag"])
-    workers = config["workers"]
+    key = run_key(config["dataset"], cfg.model.variant, config["fold"], config["tag"], cfg.hash())
+    workers, use_gpu = config["workers"], bool(config["worker"].get("GPU"))
     trainer = TorchTrainer(
         train_func,
         train_loop_config=config,
+        # a run on CPUs that holds (logical) GPUs still talks gloo: NCCL needs the GPUs it would train on
+        torch_config=TorchConfig(backend="nccl" if use_gpu and cfg.train.device != "cpu" else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=bool(config["worker"].get("GPU")),
-            resources_per_worker=config["worker"] or None),
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=config["worker"] or None,
+            placement_strategy="STRICT_PACK"),  # a data-parallel run's ranks share one node
         run_config=ray.train.RunConfig(
-            name=name,
+            name=key,
             storage_path=f"{experiment_uri(config['storage'], config['experiment'])}/train",
             failure_config=ray.train.FailureConfig(max_failures=config["max_failures"]),
             callbacks=[TuneReportCallback()] if workers else None,

@@ -86,6 +86,9 @@ def plan_resources(cv: CVConfig, cluster: dict, n_runs: int | None = None) -> Ru
         worker = {"CPU": cv.cpus_per_run / w}
         if cv.gpus_per_run:
             worker["GPU"] = cv.gpus_per_run / w
+            if w > 1 and cv.gpus_per_run % w:  # NCCL refuses two ranks of one group on one device
+                raise FersError(f"cv.gpus_per_run={cv.gpus_per_run:g} over cv.workers_per_run={w}: a data-parallel "
+                                f"run needs whole GPUs per worker (use gpus_per_run = a multiple of {w})")
         run_cpu = DRIVER_CPU + cv.cpus_per_run
     if run_cpu > cpus:
         raise FersError(f"cv.cpus_per_run={cv.cpus_per_run} (+{trial['cpu']} for the driver) exceeds the "
@@ -96,6 +99,40 @@ def plan_resources(cv: CVConfig, cluster: dict, n_runs: int | None = None) -> Ru
     fit = max(1, fit)
     return RunResources(trial=trial, workers=w, worker=worker,
                         max_concurrent=min(fit, n_runs) if n_runs else fit)
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def check_device(cfg) -> None:
+    if cfg.train.device.startswith("cuda:"):
+        raise FersError(f"train.device: {cfg.train.device!r} is not allowed under Ray, which assigns the GPU; "
+                        f"use auto, cuda or cpu")
+
+
+def check_placeable(cfg, nodes: int) -> None:
+    """Before any run starts: what a cluster of ``nodes`` nodes cannot run as configured.
+
+    Local paths (``cv.storage``, ``data.root``) are read and written by whichever node runs a fold, and
+    a data-parallel run's ranks must see the same checkpoints: with more than one node, or with
+    ``workers_per_run > 1``, they must be a filesystem mounted everywhere at the same path, which only
+    the config can promise (``cv.shared_filesystem: true``). ``train.device: cuda:N`` is Ray's choice."""
+    from fers_dist.storage import is_uri
+
+    check_device(cfg)
+    if is_uri(cfg.data.root):
+        raise FersError(f"data.root: {cfg.data.root!r}: prepared data is read from a filesystem path (local, or "
+                        f"NFS on a cluster); only cv.storage may be an object store")
+    why = (f"the cluster has {nodes} nodes" if nodes > 1 else
+           f"cv.workers_per_run={cfg.cv.workers_per_run}" if cfg.cv.workers_per_run > 1 else "")
+    local = [k for k, v in (("cv.storage", cfg.cv.storage), ("data.root", cfg.data.root)) if not is_uri(v)]
+    if why and local and not cfg.cv.shared_filesystem:
+        raise FersError(f"{' and '.join(local)}: local path{'s' if len(local) > 1 else ''} but {why}; put "
+                        f"cv.storage on s3:// or gs://, or set cv.shared_filesystem: true if every node mounts "
+                        f"{' and '.join(local)} at the same path")
 
 
 def describe(res: RunResources, cluster: dict) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fers_dist.errors import FersError
+from fers_dist.errors import FersError, is_infrastructure_fault
 
 # Canonical positions as fractions of the output size: left eye, right eye, mouth centre.
 CANONICAL = np.array([[0.32, 0.36], [0.68, 0.36], [0.50, 0.74]], dtype=np.float32)
@@ -290,7 +290,9 @@ class AlignBatch:
                 except (FaceNotFound, _BadImage) as e:
                     images.append(b"")
                     reasons.append(str(e))
-                except Exception as e:  # noqa: BLE001  (one bad file never stops the run; it is recorded)
+                except Exception as e:
+                    if is_infrastructure_fault(e):  # a CUDA error or OOM is the machine's, not the face's
+                        raise
                     images.append(b"")
                     reasons.append(f"{type(e).__name__}: {e}")
         finally:

@@ -238,6 +238,12 @@ def prepare(dataset: str, root: str | Path, out: str | Path, aligner: str = "lan
     ``status``: ``built`` or ``up-to-date``)."""
     from fers_dist.data.layouts import get_dataset
 
+    aligner_opts = dict(aligner_opts or {})
+    if aligner_opts.get("hub_dir"):  # Ray workers run in their own folders: no relative path survives
+        aligner_opts["hub_dir"] = str(Path(aligner_opts["hub_dir"]).expanduser().resolve())
+    if aligner == "fan" and aligner_opts.get("device", "auto") == "auto":
+        aligner_opts["device"] = "cuda" if num_gpus else "cpu"  # an actor holding no GPU never touches CUDA
+
     spec = get_dataset(dataset)
     if not 2 <= n_folds <= 127:
         raise DataError(f"n_folds: must be in 2..127 (stored as int8), got {n_folds}")

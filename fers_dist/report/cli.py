@@ -16,7 +16,8 @@ from fers_dist.io import atomic_write_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("experiment_dir", metavar="EXPERIMENT_DIR", help="<storage>/<experiment>, holding folds.parquet")
+    p.add_argument("experiment_dir", metavar="EXPERIMENT_DIR",
+                   help="<storage>/<experiment>, holding folds.parquet: a folder or an s3:// / gs:// URI")
     p.add_argument("--out", help="output folder (default: EXPERIMENT_DIR/report)")
     p.add_argument("--data-root", help="prepared faces for the synthesis grid (default: data.root of each run)")
     p.add_argument("--no-synthesis", action="store_true",
@@ -147,9 +148,18 @@ def build_report(exp_dir: str | Path, out: str | Path | None = None, data_root: 
                  synthesis: bool = True) -> dict:
     """Write the tables, figures, ``report.md`` and ``report.html``; returns their paths and notes."""
     from fers_dist.report import tables as T
-    from fers_dist.report.experiment import groups, load_fes, load_rows
+    from fers_dist.report.experiment import (
+        fetch_experiment,
+        groups,
+        load_fes,
+        load_rows,
+    )
     from fers_dist.report.html import Section, render
+    from fers_dist.storage import is_uri
 
+    if is_uri(str(exp_dir)):  # s3://, gs://: tables copied here, generators read from the bucket
+        name = str(exp_dir).rstrip("/").rsplit("/", 1)[-1]
+        exp_dir, out = fetch_experiment(str(exp_dir)), Path(out or f"{name}-report")
     exp_dir = Path(exp_dir)
     frame = load_rows(exp_dir)
     G = groups(frame)

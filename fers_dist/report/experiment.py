@@ -54,6 +54,23 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         raise FersError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
 
 
+def fetch_experiment(uri: str) -> Path:
+    """A remote experiment's tables (folds.parquet, and fes_eval.parquet when there is one) copied to a
+    local folder; its checkpoints stay in the bucket (each row carries its ``checkpoint_uri``)."""
+    import tempfile
+
+    from fers_dist.storage import download, exists
+
+    uri = uri.rstrip("/")
+    if not exists(f"{uri}/{FOLDS_FILE}"):
+        raise FersError(f"{uri}/{FOLDS_FILE}: not found (run fers cv with this cv.storage first)")
+    local = Path(tempfile.mkdtemp(prefix="fers-exp-")) / uri.rsplit("/", 1)[-1]
+    for name in (FOLDS_FILE, FES_FILE):
+        if exists(f"{uri}/{name}"):
+            download(f"{uri}/{name}", local / name)
+    return local
+
+
 def load_rows(exp_dir: str | Path) -> pd.DataFrame:
     """All rows of ``<exp_dir>/folds.parquet``, with ``expected_folds`` and a ``label`` per run group."""
     exp = Path(exp_dir)

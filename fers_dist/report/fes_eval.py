@@ -55,7 +55,8 @@ def _plain(v):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("experiment_dir", metavar="EXPERIMENT_DIR", help="<storage>/<experiment>, holding folds.parquet")
+    p.add_argument("experiment_dir", metavar="EXPERIMENT_DIR",
+                   help="<storage>/<experiment>, holding folds.parquet: a folder or an s3:// / gs:// URI")
     p.add_argument("--data-root", help="prepared faces (default: data.root of each run's config)")
     p.add_argument("--datasets", nargs="+", help="only these datasets (default: all in folds.parquet)")
     p.add_argument("--folds", nargs="+", type=int, help="only these folds (default: every finished one)")
@@ -81,11 +82,13 @@ def select_rows(frame, datasets=None, folds=None, variants=("original", "fes_da"
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from fers_dist.report.experiment import load_rows
+    from fers_dist.report.experiment import FES_FILE, fetch_experiment, load_rows
     from fers_dist.report.runs import generator_checkpoint, load_row_faces, row_config
+    from fers_dist.storage import is_uri, upload
     from fers_dist.train.fes_eval import fes_eval_fold
 
-    exp_dir = Path(args.experiment_dir)
+    remote = str(args.experiment_dir).rstrip("/") if is_uri(str(args.experiment_dir)) else None
+    exp_dir = fetch_experiment(remote) if remote else Path(args.experiment_dir)
     rows = select_rows(load_rows(exp_dir), args.datasets, args.folds, args.variants)
     if rows.empty:
         raise FersError(f"{exp_dir / 'folds.parquet'}: no finished {'/'.join(args.variants)} run matches "
@@ -108,11 +111,14 @@ def run(args: argparse.Namespace) -> int:
         res.update(variant=row["variant"], config_hash=row["config_hash"], tag=row["tag"], checkpoint=str(ckpt),
                    finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_results(exp_dir, [res])
+        if remote:  # the results go back beside the experiment's folds.parquet
+            for name in (FES_FILE, "fes_eval.csv"):
+                upload(exp_dir / name, f"{remote}/{name}")
         out.append(res)
         print(f"{row['dataset']} {row['variant']} fold {row['fold']}: {100 * res['accuracy']:.2f}% on "
               f"{res['n_synth_images']} synthesised faces (recogniser on real test: "
               f"{100 * res['recogniser_real_accuracy']:.2f}%), identity cosine {res['identity_cosine']:.3f} "
               f"({res['identity_method']})")
-    print(f"wrote {exp_dir / 'fes_eval.parquet'} and fes_eval.csv ({len(out)} runs)")
+    print(f"wrote {remote or exp_dir}/fes_eval.parquet and fes_eval.csv ({len(out)} runs)")
     return 0
 

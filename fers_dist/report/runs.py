@@ -4,13 +4,13 @@ its dataset's faces, and every target expression synthesised for a set of faces 
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
 
 from fers_dist.config import Config, num_classes, parse_config
 from fers_dist.errors import FersError
+from fers_dist.storage import download, exists, is_uri
 
 
 def row_name(row) -> str:
@@ -27,19 +27,6 @@ def row_config(row) -> Config:
     return parse_config(data, source=f"folds.parquet row {row_name(row)}: config")
 
 
-def _fetch(uri: str) -> Path:
-    """A checkpoint on a pyarrow filesystem (s3://, gs://), copied to a local temporary file."""
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise FersError(f"{uri}: checkpoint not found")
-    local = Path(tempfile.mkdtemp(prefix="fers-ckpt-")) / Path(path).name
-    with fs.open_input_stream(path) as src, open(local, "wb") as dst:
-        dst.write(src.read())
-    return local
-
-
 def generator_checkpoint(row, exp_dir: str | Path) -> Path:
     """``main.pt`` of the run's checkpoint directory (``fes_da.pt``, the fine-tuned model, for fes_da)."""
     uri = str(row.get("checkpoint_uri") or "")
@@ -47,8 +34,10 @@ def generator_checkpoint(row, exp_dir: str | Path) -> Path:
         raise FersError(f"folds.parquet row {row_name(row)}: checkpoint_uri is empty (the run kept no checkpoint)")
     name = "fes_da.pt" if row["variant"] == "fes_da" else "main.pt"
     uri = uri.removeprefix("file://")
-    if "://" in uri:
-        return _fetch(f"{uri.rstrip('/')}/{name}")
+    if is_uri(uri):  # s3://, gs://: copied to a local temporary file
+        if not exists(f"{uri.rstrip('/')}/{name}"):
+            raise FersError(f"{uri.rstrip('/')}/{name}: checkpoint not found (folds.parquet row {row_name(row)})")
+        return download(f"{uri.rstrip('/')}/{name}")
     folder = Path(uri)
     if not folder.is_absolute() and not folder.exists():
         folder = Path(exp_dir) / folder

@@ -13,6 +13,8 @@ from fers_dist.io import atomic_torch_save
 
 def save_checkpoint(path: str | Path, *, epoch: int, modules: dict, generator: torch.Generator,
                     history: list, extra: dict | None = None) -> None:
+    """``extra`` carries ``config_hash`` (checked on resume) and early-stopping state. Of the CUDA RNGs only
+    the training device's is kept: a run may resume on a node that sees fewer GPUs."""
     state = {
         "epoch": epoch,
         "modules": {k: m.state_dict() for k, m in modules.items() if m is not None},
@@ -20,8 +22,8 @@ def save_checkpoint(path: str | Path, *, epoch: int, modules: dict, generator: t
         "history": history,
         "extra": extra or {},
     }
-    if torch.cuda.is_available():
-        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    if generator.device.type == "cuda":
+        state["rng"]["cuda"] = torch.cuda.get_rng_state(generator.device)
     atomic_torch_save(state, path)
 
 
@@ -40,9 +42,26 @@ def load_checkpoint(path: str | Path, *, modules: dict, generator: torch.Generat
         module.load_state_dict(state["modules"][key])
     torch.set_rng_state(state["rng"]["torch"])
     generator.set_state(state["rng"]["generator"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    cuda_rng = state["rng"].get("cuda")
+    if isinstance(cuda_rng, torch.Tensor) and generator.device.type == "cuda":  # the device it trains on now
+        torch.cuda.set_rng_state(cuda_rng, generator.device)
     return state
+
+
+def checkpoint_stamp(path: str | Path) -> dict:
+    """The ``extra`` dict of a fold checkpoint (``config_hash`` among it), without restoring anything."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True).get("extra", {})
+    except Exception as e:  # noqa: BLE001  (any failure here is reported as the one-line error below)
+        raise FersError(f"{path}: unreadable fold checkpoint ({type(e).__name__}: {e})") from None
+
+
+def check_stamp(path: str | Path, config_hash: str | None) -> None:
+    """Refuse a checkpoint made under another config (one without a hash predates the stamp)."""
+    made = checkpoint_stamp(path).get("config_hash")
+    if config_hash and made and made != config_hash:
+        raise FersError(f"{path}: checkpoint was made under config {made}, this run's config is {config_hash}; "
+                        f"a result is never reported from another config's model")
 
 
 def load_weights(path: str | Path, key: str = "model") -> dict:

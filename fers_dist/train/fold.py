@@ -20,7 +20,7 @@ from fers_dist.config import Config
 from fers_dist.data.loader import FaceSet, holdout_split, load_faces, split_fold
 from fers_dist.errors import FersError
 from fers_dist.model import build_model
-from fers_dist.train.checkpoint import load_weights
+from fers_dist.train.checkpoint import check_stamp, load_weights
 from fers_dist.train.evaluate import evaluate
 from fers_dist.train.fes_da import synthesize_balanced
 from fers_dist.train.trainer import Report, Trainer
@@ -69,7 +69,7 @@ def _stderr(msg: str) -> None:
 
 def fit_fold(cfg: Config, data: FaceSet | str | Path, fold: int, report: Report | None = None,
              checkpoint_dir: str | Path | None = None, init_from: str | Path | None = None,
-             log: Callable[[str], None] = _stderr) -> FoldResult:
+             device: str | None = None, log: Callable[[str], None] = _stderr) -> FoldResult:
     """Train ``cfg.model.variant`` on every fold but ``fold`` of ``data`` and evaluate on ``fold``.
 
     ``data``: a FaceSet, or a prepared dataset (``<root>/<dataset>`` or its ``faces.parquet``).
@@ -78,11 +78,13 @@ def fit_fold(cfg: Config, data: FaceSet | str | Path, fold: int, report: Report 
     ``train.checkpoint_every`` epochs; an existing checkpoint there is resumed.
     ``init_from``: for ``fes_da``, the ``original`` run's ``main.pt`` for the same fold, reused instead of
     training the original model again.
+    ``device``: overrides ``train.device`` (the Ray layer passes the device Ray assigned).
+    Checkpoints are stamped with ``cfg.hash()``; one made under another config is refused, never resumed.
     """
     t0 = time.perf_counter()
     faces = data if isinstance(data, FaceSet) else load_faces(data)
     train_idx, test_idx = split_fold(faces, fold)  # clear errors before anything heavy
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(device or cfg.train.device)
     seed = cfg.train.seed * 1000 + fold
     torch.manual_seed(seed)
     g = torch.Generator(device=device)
@@ -100,19 +102,20 @@ def fit_fold(cfg: Config, data: FaceSet | str | Path, fold: int, report: Report 
     base_cfg = cfg.with_overrides({"model.variant": "original"}) if variant == "fes_da" else cfg
     amp = cfg.train.amp and device.type == "cuda"
     if variant == "fes_da" and init_from is not None:
+        check_stamp(init_from, cfg.hash())  # variant is not in the hash: original and fes_da share it
         model = build_model(base_cfg.model, faces.num_classes).to(device)
         model.load_state_dict(load_weights(init_from, "model"))
         log(f"fes_da: reusing the original model from {init_from}")
         epochs_run, history, uses_idt = cfg.train.epochs, [], cfg.identity.backbone != "none"
     else:
         trainer = Trainer(base_cfg, train, g, log=log)
-        epochs_run = trainer.fit(ckdir / "main.pt" if ckdir else None, report, val)
+        epochs_run = trainer.fit(ckdir / "main.pt" if ckdir else None, report, val, config_hash=cfg.hash())
         model, history, uses_idt = trainer.model, trainer.history, trainer.identity is not None
     if variant == "fes_da":
         balanced = synthesize_balanced(model, train, cfg.model.input_size, amp)
         ft = Trainer(base_cfg, balanced, g, model=model, objective="cls", epochs=cfg.train.fes_da_epochs,
                      lr=cfg.train.fes_da_lr, log=log)
-        epochs_run += ft.fit(ckdir / "fes_da.pt" if ckdir else None, report, val)
+        epochs_run += ft.fit(ckdir / "fes_da.pt" if ckdir else None, report, val, config_hash=cfg.hash())
         history = history + [dict(h, phase="fes_da") for h in ft.history]
 
     metrics = evaluate(model, test, cfg.model.input_size, amp=amp)

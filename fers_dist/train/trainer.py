@@ -29,6 +29,7 @@ from fers_dist.data.loader import (
     apply_augmentation,
     sample_augmentation,
 )
+from fers_dist.errors import FersError
 from fers_dist.model import build_model
 from fers_dist.model.discriminator import PatchDiscriminator
 from fers_dist.model.losses import (
@@ -40,7 +41,7 @@ from fers_dist.model.losses import (
     rec_loss,
     total_loss,
 )
-from fers_dist.train.checkpoint import load_checkpoint, save_checkpoint
+from fers_dist.train.checkpoint import check_stamp, load_checkpoint, save_checkpoint
 from fers_dist.train.evaluate import accuracy, autocast
 from fers_dist.train.identity import build_identity
 from fers_dist.train.schedule import make_scheduler
@@ -198,11 +199,19 @@ class Trainer:
 
     # -- epochs --------------------------------------------------------------------------------
     def fit(self, checkpoint: str | Path | None = None, report: Report | None = None,
-            val: FaceSet | None = None) -> int:
-        """Train to ``self.epochs``, resuming from ``checkpoint`` if it exists. Returns epochs run."""
+            val: FaceSet | None = None, config_hash: str | None = None) -> int:
+        """Train to ``self.epochs``, resuming from ``checkpoint`` if it exists (and was made under
+        ``config_hash``; checkpoints are stamped with it). Returns epochs run.
+
+        Data parallel: rank 0 decides whether to resume, and every rank loads that same checkpoint, so
+        the ranks can never start from different epochs."""
         cfg = self.cfg
         start, best, waited = 0, -1.0, 0
-        if checkpoint and Path(checkpoint).exists():
+        if self._resume_decided_by_rank0(checkpoint):
+            if not Path(checkpoint).exists():
+                raise FersError(f"{checkpoint}: rank {self.rank} cannot see rank 0's checkpoint; the checkpoint "
+                                f"folder must be shared by a run's workers")
+            check_stamp(checkpoint, config_hash)
             state = load_checkpoint(checkpoint, modules=self.modules(), generator=self.g)
             start, self.history = state["epoch"] + 1, state["history"]
             best, waited = state["extra"].get("best", -1.0), state["extra"].get("waited", 0)
@@ -225,7 +234,8 @@ class Trainer:
             saved = None
             if checkpoint and self.rank == 0 and (last or (epoch + 1) % cfg.train.checkpoint_every == 0):
                 save_checkpoint(checkpoint, epoch=epoch, modules=self.modules(), generator=self.g,
-                                history=self.history, extra={"best": best, "waited": waited, "stopped": stop})
+                                history=self.history, extra={"best": best, "waited": waited, "stopped": stop,
+                                                             "config_hash": config_hash})
                 saved = str(checkpoint)
             if report:
                 report(metrics, saved)
@@ -234,6 +244,14 @@ class Trainer:
                          f"for {waited} epochs")
                 return epoch + 1
         return self.epochs
+
+    def _resume_decided_by_rank0(self, checkpoint) -> bool:
+        found = bool(checkpoint) and Path(checkpoint).exists()
+        if self.world == 1:
+            return found
+        flag = torch.tensor([int(found)], device=self.device)
+        dist.broadcast(flag, src=0)  # once per fit, before the first step
+        return bool(flag.item())
 
     def run_epoch(self, epoch: int) -> dict:
         """One pass over the training faces in full batches; returns the epoch's mean metrics."""

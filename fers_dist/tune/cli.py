@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from fers_dist.config import Config, load_config
+from fers_dist.config import Config, load_config, resolve_paths
 from fers_dist.errors import DataError, FersError
 
 SAMPLERS = ("tpe", "random", "cmaes", "nsgaii")
@@ -164,7 +164,7 @@ def run_tune(cfg: Config, *, out: str | None = None, force: bool = False, evalua
     from fers_dist.tune.outputs import write_outputs
 
     t = cfg.tune
-    cfg = cfg.with_overrides({"model.variant": t.variant})
+    cfg = resolve_paths(cfg.with_overrides({"model.variant": t.variant}))  # trials chdir: no relative path
     ss.check_space(cfg, source)
     feasible = ss.check_feasible(cfg, source)
     if feasible < 1:
@@ -206,7 +206,7 @@ def _run_trials(cfg: Config, study, storage, n: int, epochs: int, metrics: list[
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from fers_dist.cv.resources import free_resources, ray_session
+    from fers_dist.cv.resources import check_device, free_resources, ray_session
     from fers_dist.tune import study as st
     from fers_dist.tune.searcher import (
         FersOptunaSearch,
@@ -216,6 +216,7 @@ def _run_trials(cfg: Config, study, storage, n: int, epochs: int, metrics: list[
     )
 
     t, multi = cfg.tune, len(metrics) > 1
+    check_device(cfg)
     with ray_session(address):
         resources = trial_resources(cfg)
         max_conc = concurrency(resources, free_resources(), t.max_concurrent)
@@ -264,11 +265,8 @@ def _run_trials(cfg: Config, study, storage, n: int, epochs: int, metrics: list[
 
 
 def _worker_config(cfg: Config) -> dict:
-    """The base config the trials get: a local data.root made absolute (workers run elsewhere)."""
-    base = cfg.model_dump(mode="json")
-    if "://" not in base["data"]["root"]:
-        base["data"]["root"] = str(Path(base["data"]["root"]).resolve())
-    return base
+    """The base config the trials get (its paths already resolved on the driver)."""
+    return cfg.model_dump(mode="json")
 
 
 def _trial_dirname(trial) -> str:

@@ -44,9 +44,16 @@ def tune_trial(params: dict, *, base: dict, outer_fold: int, inner_folds: int, e
                devices_held: float) -> None:
     """One trial: the base config with the sampled ``params`` (dotted keys), nested CV in lockstep,
     one ``tune.report`` per epoch. Runs inside a Ray worker; the objective itself is Ray-free."""
+    import ray
+    import torch
+
+    from fers_dist.cv.fold_run import choose_device
     from fers_dist.tune.objective import NestedCV
 
     cfg = parse_config(base, source="tune base config").with_overrides(params)
+    # the device Ray assigned to this trial: none held means CPU, even on a GPU node
+    cfg = cfg.with_overrides({"train.device": choose_device(cfg.train.device, ray.get_gpu_ids(),
+                                                            torch.cuda.is_available())})
     faces = _faces(cfg.data.root, base["tune"]["dataset"])
     nested = NestedCV(cfg, faces, outer_fold=outer_fold, k=inner_folds, epochs=epochs, objective=objective,
                       devices_held=devices_held, log=lambda m: print(m, file=sys.stderr))

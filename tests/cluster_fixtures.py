@@ -1,0 +1,78 @@
+"""A cluster on one machine, from real parts, for the tests that are about nodes, placement and storage:
+
+- ``multinode``: Ray's own ``ray.cluster_utils.Cluster``, real raylets as separate nodes: a 1-CPU head
+  with no GPU and two 1-CPU worker nodes with one *logical* GPU each (Ray schedules and places by it;
+  training runs with ``train.device: cpu``). The session's local Ray is shut down for the module and
+  started again afterwards.
+- ``s3``: a moto server on 127.0.0.1 and a free port, reached as ``s3://BUCKET/...`` through the
+  standard ``AWS_ENDPOINT_URL`` (set before the cluster starts, so every node's workers inherit it).
+
+Everything listens on loopback only and is stopped at the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+BUCKET = "fers-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
+        yield SimpleNamespace(endpoint=env["AWS_ENDPOINT_URL"], bucket=BUCKET, uri=f"s3://{BUCKET}")
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def multinode(s3):
+    import ray
+    from conftest import start_local_ray
+    from ray.cluster_utils import Cluster
+
+    had_local = ray.is_initialized()
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
+                                                            "include_dashboard": False})
+    try:
+        workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+        head = [i for i, n in nodes.items() if not n["Resources"].get("GPU")]
+        assert len(nodes) == 3 and len(head) == 1, nodes
+        yield SimpleNamespace(cluster=cluster, head_id=head[0], worker_ids=set(nodes) - set(head),
+                              workers=workers)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if had_local:
+            start_local_ray()

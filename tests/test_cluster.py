@@ -1,0 +1,94 @@
+"""The cluster path, proved on a cluster (cluster_fixtures.py): three real Ray nodes with logical GPUs and
+S3 storage on a loopback moto server. Each test is one of the first-contact failures it fixes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from fers_dist.cv.cli import run_cv
+from fers_dist.model.lightcnn import LightCNN9
+from fers_dist.results import run_key
+from fers_dist.storage import exists, list_files
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def _official_lightcnn(path) -> None:
+    """A LightCNN-9 saved as the official train.py saves it (DataParallel keys under 'state_dict')."""
+    torch.manual_seed(0)
+    net = LightCNN9(num_classes=12)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 80, "arch": "LightCNN-9",
+                "state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
+
+
+def test_relative_paths_and_logical_gpus_place_runs_on_the_worker_nodes(
+        multinode, tiny_cfg, prepared_data, tmp_path, monkeypatch):
+    """Train workers chdir into their run folders: the relative identity.checkpoint, data.root and
+    cv.storage of a config must still be found. With gpus_per_run 0.5 Ray places the runs by GPU, so on the
+    worker nodes, never on the GPU-less head; the Train workers hold logical GPUs and train on the CPU."""
+    monkeypatch.chdir(tmp_path)
+    _official_lightcnn(tmp_path / "weights" / "LightCNN_9Layers_checkpoint.pth.tar")
+    (tmp_path / "data").symlink_to(prepared_data)
+    cfg = tiny_cfg.with_overrides({
+        "identity.backbone": "lightcnn9", "identity.checkpoint": "weights/LightCNN_9Layers_checkpoint.pth.tar",
+        "data.root": "data", "cv.storage": "results", "cv.experiment": "relative", "cv.datasets": ["ckplus"],
+        "cv.variants": ["original"], "cv.folds": [0, 1], "cv.workers_per_run": 1, "cv.gpus_per_run": 0.5,
+        "cv.cpus_per_run": 0.5, "cv.max_failures": 0, "cv.shared_filesystem": True, "train.device": "cpu",
+        "train.epochs": 1, "train.batch_size": 16})
+    frame = run_cv(cfg)
+    assert len(frame) == 2 and (frame["status"] == "finished").all(), frame[["run_name", "status", "error"]]
+    assert set(frame["identity"]) == {"lightcnn9"}  # the checkpoint was found by the workers
+    assert set(frame["node_id"]) <= multinode.worker_ids and multinode.head_id not in set(frame["node_id"])
+    stored = json.loads(frame["config"].iloc[0])
+    assert stored["identity"]["checkpoint"] == str(tmp_path / "weights" / "LightCNN_9Layers_checkpoint.pth.tar")
+
+
+def test_s3_storage_end_to_end_prepare_cv_report_fes_eval(multinode, s3, tiny_cfg, prepared_data, tmp_path):
+    """cv.storage on S3: fes_da reuses the original run's checkpoint from the bucket (it never trains the
+    original model again), rows carry their checkpoint URIs, each run keeps one object per checkpoint
+    file however often it saves, and the report and fes-eval read the generators from the bucket."""
+    from fers_dist.report import fes_eval
+    from fers_dist.report.cli import build_report
+
+    storage = f"{s3.uri}/results"
+    cfg = tiny_cfg.with_overrides({
+        "data.root": str(prepared_data), "cv.storage": storage, "cv.experiment": "s3chain",
+        "cv.datasets": ["ckplus"], "cv.variants": ["original", "fes_da"], "cv.folds": [0],
+        "cv.workers_per_run": 0, "cv.gpus_per_run": 0.5, "cv.cpus_per_run": 0.5, "cv.shared_filesystem": True,
+        "train.device": "cpu", "train.epochs": 3, "train.checkpoint_every": 1})
+    frame = run_cv(cfg).set_index("variant")
+    assert (frame["status"] == "finished").all(), frame[["status", "error"]]
+    h = cfg.hash()
+    homes = {v: f"{storage}/s3chain/checkpoints/{run_key('ckplus', v, 0, 'paper', h)}" for v in ("original", "fes_da")}
+    assert frame.loc["original", "checkpoint_uri"] == homes["original"]
+    assert frame.loc["fes_da", "checkpoint_uri"] == homes["fes_da"]
+    phases = {h.get("phase") for h in json.loads(frame.loc["fes_da", "history"])}
+    assert phases == {"fes_da"}  # no epoch of the original objective: its model came from the bucket
+    objects = list_files(f"{storage}/s3chain/checkpoints")
+    assert objects == sorted([f"{s3.bucket}/results/s3chain/checkpoints/{homes['original'].rsplit('/', 1)[1]}/main.pt",
+                              f"{s3.bucket}/results/s3chain/checkpoints/{homes['fes_da'].rsplit('/', 1)[1]}/fes_da.pt"])
+
+    exp = f"{storage}/s3chain"
+    report = build_report(exp, tmp_path / "report")
+    assert [p.name for p in report["figures"] if p.name.startswith("synthesis_ckplus")]
+    assert report["html"].is_file()
+
+    p = argparse.ArgumentParser()
+    fes_eval.add_arguments(p)
+    assert fes_eval.run(p.parse_args([exp, "--recogniser-epochs", "1", "--identity", "lightcnn",
+                                      "--identity-faces", "4", "--device", "cpu"])) == 0
+    assert exists(f"{exp}/fes_eval.parquet") and exists(f"{exp}/fes_eval.csv")
+    import pyarrow.parquet as pq
+
+    from fers_dist.storage import filesystem
+
+    fs, path = filesystem(f"{exp}/fes_eval.parquet")
+    fes = pq.read_table(path, filesystem=fs).to_pandas()
+    assert sorted(fes["variant"]) == ["fes_da", "original"]
+    assert len(pd.unique(fes["fold"])) == 1
