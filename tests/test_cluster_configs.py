@@ -40,6 +40,9 @@ def _rel(p: Path) -> str:
 
 
 LAUNCHERS = [p for p in YAML_FILES if [kind_of(d) for d in load_docs(p)] == ["launcher"]]
+# cloud launchers autoscale node types on a bucket; on-prem ones (provider: local) run fixed machines on NFS
+CLOUD = [p for p in LAUNCHERS if load_docs(p)[0]["provider"]["type"] != "local"]
+ONPREM = [p for p in LAUNCHERS if load_docs(p)[0]["provider"]["type"] == "local"]
 KUBE_DOCS = [(p, d) for p in YAML_FILES for d in load_docs(p) if kind_of(d) == "kubernetes"]
 RAY_DOCS = [(p, d) for p, d in KUBE_DOCS if d["apiVersion"].startswith("ray.io/")]
 
@@ -108,7 +111,7 @@ def test_launcher_passes_rays_own_config_checks(path):
     validate_config(prepare_config(copy.deepcopy(load_docs(path)[0])))
 
 
-@pytest.mark.parametrize("path", LAUNCHERS, ids=_rel)
+@pytest.mark.parametrize("path", CLOUD, ids=_rel)
 def test_launcher_has_cpu_head_and_gpu_worker_types_with_limits(path):
     config = load_docs(path)[0]
     types = config["available_node_types"]
@@ -124,7 +127,8 @@ def test_launcher_has_cpu_head_and_gpu_worker_types_with_limits(path):
 
 
 def docker_images(config: dict) -> list[str]:
-    sections = [config.get("docker", {})] + [n.get("docker", {}) for n in config["available_node_types"].values()]
+    types = config.get("available_node_types", {}).values()
+    sections = [config.get("docker", {})] + [n.get("docker", {}) for n in types]
     return [s[k] for s in sections for k in ("image", "head_image", "worker_image") if s.get(k)]
 
 
@@ -155,9 +159,29 @@ def test_launcher_turns_on_token_auth_everywhere(path):
     assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts)
 
 
-@pytest.mark.parametrize("path", LAUNCHERS, ids=_rel)
+@pytest.mark.parametrize("path", CLOUD, ids=_rel)
 def test_launcher_storage_is_a_bucket_placeholder(path):
     assert re.search(r"\b(s3|gs)://YOUR-BUCKET/fers\b", path.read_text())
+
+
+def test_onprem_launcher_runs_fixed_machines_on_a_shared_filesystem():
+    """provider: local: a head and worker hosts to fill in, the NFS mount inside the containers, and the
+    fers command line that says the storage is shared (it parses against fers cv)."""
+    import argparse
+    import shlex
+
+    from fers_dist.cv import cli as cv
+
+    assert [_rel(p) for p in ONPREM] == ["cluster/onprem.yaml"]
+    text = ONPREM[0].read_text()
+    config = load_docs(ONPREM[0])[0]
+    assert config["provider"]["head_ip"] == "YOUR-HEAD-HOST" and len(config["provider"]["worker_ips"]) >= 1
+    assert "-v /mnt/shared:/mnt/shared" in config["docker"]["run_options"]
+    line = re.search(r"#\s+(--storage /mnt/shared\S*.*--shared-filesystem)", text).group(1)
+    parser = argparse.ArgumentParser()
+    cv.add_arguments(parser)
+    args = parser.parse_args(shlex.split(line))
+    assert args.shared_filesystem and args.storage.startswith("/mnt/shared/")
 
 
 # -- security --------------------------------------------------------------------------------------
@@ -379,3 +403,32 @@ def test_kuberay_image_is_built_from_the_pinned_ray_image():
     assert f"-e {IMAGE_HOME}" in dockerfile
     images = {c["image"] for _, d in RAY_DOCS for _, g in groups(d) for c in containers(g)}
     assert images == {f"YOUR-REGISTRY/fers-dist:{fers_dist.__version__}"}
+
+
+# -- SLURM -----------------------------------------------------------------------------------------
+SBATCH = CLUSTER / "slurm" / "fers-cv.sbatch"
+
+
+def test_slurm_script_parses_and_its_fers_command_parses_against_the_cli():
+    """`bash -n` on the batch script, then its fers arguments (the block between its markers, run by
+    bash) through the `fers cv` parser; Ray is started across the allocation by `ray symmetric-run`."""
+    import argparse
+    import subprocess
+
+    from fers_dist.cv import cli as cv
+
+    check = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr
+    text = SBATCH.read_text()
+    block = re.search(r"# >>> fers command.*?\n(.*?)# <<< fers command", text, re.DOTALL).group(1)
+    out = subprocess.run(["bash", "-c", block + '\nprintf "%s\\0" "${FERS_ARGS[@]}"'], capture_output=True,
+                         check=False, env={"PATH": "/usr/bin:/bin", "SHARED": "/nfs/fers"})
+    argv = out.stdout.decode().split("\0")[:-1]
+    parser = argparse.ArgumentParser()
+    cv.add_arguments(parser)
+    args = parser.parse_args(argv)
+    cfg = cv.config_from_args(args)
+    assert cfg.cv.storage == "/nfs/fers/results" and cfg.data.root == "/nfs/fers/data" and cfg.cv.shared_filesystem
+    assert len(cfg.cv.variants) == 4 and cfg.cv.folds == "all"
+    assert re.search(r"srun .*\\\n\s+ray symmetric-run --address \"\$head_ip:6379\"", text)
+    assert '-- python jobs/run_cv.py "${FERS_ARGS[@]}"' in text and "--dashboard-host 127.0.0.1" in text
