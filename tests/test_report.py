@@ -236,3 +236,26 @@ def test_synthesis_grid_without_the_faces_is_skipped_with_a_note(report, tmp_pat
     note = [n for n in res["notes"] if n.startswith("synthesis figure skipped")]
     assert note and f"{tmp_path / 'no-data' / 'ckplus' / 'faces.parquet'}: no prepared dataset" in note[0]
     assert note[0] in res["html"].read_text()
+
+
+def test_provenance_table_and_mixed_versions_warning(tiny_experiment, tmp_path):  # noqa: F811
+    """Every row's code, library and hardware versions are printed; a dataset whose compared rows were
+    made with different torch versions gets a warning, and rows from before provenance show as such."""
+    from fers_dist.provenance import COLUMNS, provenance
+
+    prov = provenance("cpu")
+    assert set(prov) == set(COLUMNS) and prov["torch_version"] and prov["hostname"]
+
+    def edit(frame):
+        for k, v in prov.items():
+            frame[k] = v
+        frame.loc[frame["variant"] == "no_mtl", "torch_version"] = "2.0.0"
+        frame.loc[frame["variant"] == "fes_da", "torch_version"] = None  # written before provenance existed
+        return frame
+
+    res = build_report(copy_experiment(tiny_experiment, tmp_path / "mixed", edit), tmp_path / "out")
+    table = pd.read_csv(res["out"] / "tables" / "provenance.csv", dtype=str)
+    assert sorted(table["torch_version"]) == sorted(["2.0.0", prov["torch_version"], "not recorded"])
+    assert table["rows"].astype(int).sum() == 7 and set(table["hostname"]) == {prov["hostname"]}
+    warn = [n for n in res["notes"] if n.startswith("WARNING: the CK+ comparison mixes versions")]
+    assert warn and "torch_version: 2.0.0" in warn[0] and warn[0] in res["html"].read_text()

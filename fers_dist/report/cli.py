@@ -155,6 +155,7 @@ def build_report(exp_dir: str | Path, out: str | Path | None = None, data_root: 
         load_rows,
     )
     from fers_dist.report.html import Section, render
+    from fers_dist.report.provenance import mixed_versions, provenance_table
     from fers_dist.storage import is_uri
 
     if is_uri(str(exp_dir)):  # s3://, gs://: tables copied here, generators read from the bucket
@@ -172,6 +173,7 @@ def build_report(exp_dir: str | Path, out: str | Path | None = None, data_root: 
     figs = _figures(frame, G, exp_dir, out / "figures", data_root, synthesis, notes)
     if fes is None:
         notes.append(f"no {exp_dir / 'fes_eval.parquet'}: run 'fers fes-eval {exp_dir}' for Table V")
+    notes += mixed_versions(frame)
     sections = [
         Section("Accuracy (Table VI layout)", [main, missing, *figs["accuracy"]]),
         Section("The paper side by side", [paper]),
@@ -181,6 +183,7 @@ def build_report(exp_dir: str | Path, out: str | Path | None = None, data_root: 
         Section("Synthesis (Fig. 4)", figs["synthesis"]),
         Section("ConvFLU gates (Fig. 3)", figs["gates"]),
         Section("Per class and confusion matrices", [*per_class, *figs["confusion"], *conf]),
+        Section("Provenance", [provenance_table(frame)]),
         Section("Notes", list(notes)),
     ]
     for s in sections:
