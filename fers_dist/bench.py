@@ -22,10 +22,11 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fers_dist.cli import HelpFormatter
+
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, (module_name, help_) in BENCHES.items():
-        p = sub.add_parser(name, help=help_, description=help_,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
         try:
             importlib.import_module(module_name).add_arguments(p)
         except ModuleNotFoundError as e:

@@ -34,6 +34,17 @@ EPILOG = """examples:
 run 'fers COMMAND --help' for a command's options."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help once: not where the help already says its default, and
+    not for defaults that say nothing (None, off switches)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def _top_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fers",
@@ -63,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     parser = argparse.ArgumentParser(
         prog=f"fers {name}", description=(module.__doc__ or help_).strip().split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     module.add_arguments(parser)
     args = parser.parse_args(rest)

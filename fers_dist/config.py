@@ -132,6 +132,10 @@ class DataConfig(_Section):
     fold_seed: int = 0
 
 
+class TrackingConfig(_Section):
+    mlflow: str | None = Field(None, description="MLflow tracking URI (http://host:5000, sqlite:///mlflow.db)")
+
+
 class CVConfig(_Section):
     experiment: str = Field("paper", pattern=r"^[A-Za-z0-9_.-]+$")
     storage: str = Field("results", description="local path or pyarrow URI (s3://, gs://)")
@@ -146,6 +150,7 @@ class CVConfig(_Section):
     gpus_per_run: float = Field(1.0, ge=0, description="fractional values pack runs on one GPU")
     cpus_per_run: float = Field(1.0, gt=0)
     max_failures: int = Field(2, ge=0)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     shared_filesystem: bool = Field(
         False, description="the local paths (data.root, cv.storage) hold the same files on every node: an NFS "
                            "mount, a per-node copy of the read-only data, or one machine; required for local "
@@ -227,20 +232,22 @@ class Config(_Section):
         return self
 
     # -- helpers ------------------------------------------------------------------------------
-    def with_overrides(self, flat: dict[str, Any]) -> Config:
-        """Return a copy with dotted keys replaced, e.g. ``{"loss.lam_adv": 0.1}`` (validated)."""
+    def with_overrides(self, flat: dict[str, Any], source: str = "overrides") -> Config:
+        """Return a copy with dotted keys replaced, e.g. ``{"loss.lam_adv": 0.1}`` (validated; an error
+        names ``source`` and the field)."""
         data = self.model_dump()
         for key, value in flat.items():
             node = data
             *parents, leaf = key.split(".")
             for p in parents:
                 if not isinstance(node.get(p), dict):
-                    raise ConfigError(f"override {key!r}: unknown section {p!r}")
+                    raise ConfigError(f"{source}: {key}: unknown section {p!r} (sections: "
+                                      f"{', '.join(type(self).model_fields)})")
                 node = node[p]
             if leaf not in node:
-                raise ConfigError(f"override {key!r}: unknown field {leaf!r}")
+                raise ConfigError(f"{source}: {key}: unknown field {leaf!r} (fields: {', '.join(node)})")
             node[leaf] = value
-        return parse_config(data, source="overrides")
+        return parse_config(data, source=source)
 
     def hash(self) -> str:
         """Hash of everything that changes a fold's result (not where it is stored or tuned)."""
@@ -275,6 +282,29 @@ def resolve_paths(cfg: Config, base: str | os.PathLike | None = None) -> Config:
     return cfg.with_overrides(out) if out else cfg
 
 
+def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
+    """``--set key=value`` pairs (dotted keys) as overrides; each value is read as YAML (``0.3``, ``true``,
+    ``[0, 1]``, ``cosine``), then typed and checked by the schema in :meth:`Config.with_overrides`."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, eq, text = pair.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE with a dotted key, e.g. --set loss.lam_adv=0.1")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = text
+    return out
+
+
+def add_set_argument(p) -> None:
+    """The ``--set KEY=VALUE`` option every config-driven command takes (repeatable, applied last)."""
+    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE",
+                   help="override one config field (dotted key, e.g. --set loss.lam_adv=0.1 --set "
+                        "train.epochs=50); repeatable, applied after --config and the other flags, and "
+                        "recorded in every row's config")
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "<root>"
@@ -294,8 +324,10 @@ def parse_config(data: dict | None, source: str = "<config>") -> Config:
         raise ConfigError(_format_error(err, source)) from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load a YAML config over the paper defaults; ``None`` gives the defaults."""
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                sets: list[str] | None = None) -> Config:
+    """Load a YAML config over the paper defaults (``None`` gives the defaults), then ``overrides`` (the
+    commands' own flags), then ``sets`` (``--set KEY=VALUE`` pairs)."""
     if path is None:
         cfg = Config()
     else:
@@ -313,7 +345,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
         cfg = parse_config(data, source=str(path))
-    return cfg.with_overrides(overrides) if overrides else cfg
+    cfg = cfg.with_overrides(overrides) if overrides else cfg
+    return cfg.with_overrides(parse_sets(sets), source="--set") if sets else cfg
 
 
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:

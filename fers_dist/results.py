@@ -92,3 +92,28 @@ def check_writable(storage: str) -> None:
         fs.delete_file(probe)
     except Exception as e:  # noqa: BLE001  (any failure here is reported as the one-line error below)
         raise FersError(f"cv.storage {storage!r} is not writable ({type(e).__name__}: {e})") from None
+
+
+def expand(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """A JSON-string column of folds.parquet as a tidy frame, keyed by the run (``KEY`` columns).
+
+    - ``history``: one row per epoch (and ``phase``, for fes_da fine-tuning), one column per metric;
+    - ``gate_means``: one column per ConvFLU gate (``fer_r1`` …), one row per run;
+    - ``gate_maps``: one row per (run, gate), the map as a nested list in ``map``;
+    - ``config``: one column per dotted config key (``loss.lam_adv`` …), one row per run.
+    """
+    if column not in JSON_COLUMNS:
+        raise FersError(f"expand: {column!r} is not one of the JSON columns {', '.join(JSON_COLUMNS)}")
+    out = []
+    for _, row in frame.iterrows():
+        key = {k: row[k] for k in KEY if k in row}
+        value = json.loads(row[column]) if isinstance(row[column], str) and row[column] else {}
+        if column == "history":
+            out += [{**key, **epoch} for epoch in value]
+        elif column == "gate_maps":
+            out += [{**key, "gate": g, "map": m} for g, m in value.items()]
+        elif column == "config":
+            out.append({**key, **pd.json_normalize(value, sep=".").iloc[0].to_dict()} if value else key)
+        else:
+            out.append({**key, **value})
+    return pd.DataFrame(out)

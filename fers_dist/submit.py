@@ -205,7 +205,8 @@ def storage_warnings(entrypoint: list[str], working_dir: str | os.PathLike) -> l
         return []  # an absolute path may exist only on the cluster (a KubeRay image, say)
     from fers_dist.config import load_config
 
-    cfg = load_config(config_path)
+    sets = [entrypoint[i + 1] for i, a in enumerate(entrypoint[:-1]) if a == "--set"]
+    cfg = load_config(config_path, sets=sets)
     fields = {"cv.storage": ("--storage", cfg.cv.storage), "data.root": ("--data-root", cfg.data.root)}
     warnings = []
     for field, (flag, value) in fields.items():
@@ -309,6 +310,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="print the job id and how to follow it, then return (the default)")
     mode.add_argument("--follow", dest="follow", action="store_true", default=argparse.SUPPRESS,
                       help="tail the logs until the job ends; exit 0 only if it SUCCEEDED")
+    from fers_dist.config import add_set_argument
+
+    add_set_argument(parser)  # appended to the entrypoint as --set pairs, after a check here
     parser.add_argument("entrypoint", nargs=argparse.REMAINDER,
                         help="the command to run on the cluster, after --")
 
@@ -331,6 +335,11 @@ def run(args: argparse.Namespace) -> int:
     entrypoint = list(args.entrypoint)
     if entrypoint[:1] == ["--"]:
         entrypoint = entrypoint[1:]
+    if args.sets:  # checked here (a bad key fails before anything is shipped), then passed to the job
+        from fers_dist.config import parse_config, parse_sets
+
+        parse_config({}).with_overrides(parse_sets(args.sets), source="--set")
+        entrypoint += [a for pair in args.sets for a in ("--set", pair)]
     address = resolve_address(args.address)
     extra = runtime_env_extra_from_args(args)
     if entrypoint:

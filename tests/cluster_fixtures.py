@@ -7,13 +7,22 @@
 - ``s3``: a moto server on 127.0.0.1 and a free port, reached as ``s3://BUCKET/...`` through the
   standard ``AWS_ENDPOINT_URL`` (set before the cluster starts, so every node's workers inherit it).
 
+- ``mlflow_server``: a real ``mlflow server`` (sqlite backend, artifacts served from a temporary folder)
+  on 127.0.0.1 and a free port.
+
 Everything listens on loopback only and is stopped at the end, also when a test fails.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -76,3 +85,37 @@ def multinode(s3):
         cluster.shutdown()
         if had_local:
             start_local_ray()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    exe = Path(sys.executable).parent / "mlflow"
+    cmd = [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")]
+    log = open(root / "server.log", "wb")  # noqa: SIM115  (closed in the finally below)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited {proc.returncode}: {(root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server on {uri} did not answer within 120 s")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

@@ -55,6 +55,11 @@ def test_quick_demo_runs_end_to_end(tmp_path, demo_cfg):
     html = out / "results" / "demo" / "report" / "report.html"
     assert "<img" in html.read_text() and "<table" in html.read_text()
     assert f"report:    {html}" in proc.stdout and "learning check: original on synthetic ckplus" in proc.stdout
+    # a successful demo looks like one: steps, progress and the summary, nothing that reads as a problem
+    noisy = [line for line in (proc.stdout + proc.stderr).splitlines()
+             if any(w in line for w in ("Error", "Traceback", "WARN"))]
+    assert not noisy, noisy[:5]
+    assert "== [5/5] report" in proc.stderr + proc.stdout and "accuracy (%)" in proc.stdout
 
 
 @pytest.mark.slow

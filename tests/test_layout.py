@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "fers_dist"
 
 # Layer of each top-level name under fers_dist (a package or a module). The shared helpers sit at the bottom.
-LAYERS = {name: 0 for name in ("__init__", "errors", "io", "config", "results", "storage", "cpustat", "plotting")}
+LAYERS = {name: 0 for name in ("__init__", "errors", "io", "config", "results", "storage", "provenance", "tracking",
+                                "cpustat", "plotting")}
 LAYERS.update(data=1, model=2, train=3, cv=4, tune=5, report=6, demo=7, submit=7, bench=7, cli=7)
 RAY_HOMES = ("fers_dist.data.prepare", "fers_dist.cv", "fers_dist.tune", "fers_dist.submit")
 SIDEWAYS = {"report": ("cv", "tune")}  # lower, yet not needed: the report reads Parquet and checkpoints
@@ -36,6 +37,10 @@ def layer(module: str) -> int:
     return LAYERS[key]
 
 
+def _is_module(name: str) -> bool:
+    return (PKG / name).is_dir() or (PKG / f"{name}.py").is_file()
+
+
 def imports(path: Path) -> list[tuple[int, str]]:
     """(line, module) for every import in the file, function-level imports included."""
     found = []
@@ -45,8 +50,10 @@ def imports(path: Path) -> list[tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, f"{path}:{node.lineno}: relative import; use fers_dist.… absolute imports"
             base = node.module or ""
-            # `from fers_dist import submit` names a module; `from fers_dist.x import f` names the module x
-            found += [(node.lineno, f"{base}.{a.name}" if base == "fers_dist" else base) for a in node.names]
+            # `from fers_dist import submit` names a module (`from fers_dist import __version__` the package
+            # itself); `from fers_dist.x import f` names the module x
+            found += [(node.lineno, f"{base}.{a.name}" if base == "fers_dist" and _is_module(a.name) else base)
+                      for a in node.names]
     return found
 
 

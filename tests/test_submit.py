@@ -216,6 +216,22 @@ def test_cli_warns_then_fails_in_one_line(tmp_path, clean_env, capsys):
     assert len(errors) == 1 and f"no Ray cluster reachable at {url}" in errors[0]
 
 
+def test_set_is_checked_here_then_passed_to_the_job(tmp_path, clean_env, monkeypatch, capsys):
+    """--set on fers submit: a bad key fails before anything is shipped; good ones ride on the entrypoint
+    (jobs/run_cv.py hands them to fers cv) and count in the storage warning."""
+    (tmp_path / "local.yaml").write_text("cv:\n  storage: results\n")
+    sent = []
+    monkeypatch.setattr(submit, "submit_job", lambda entrypoint, *a, **k: sent.append(entrypoint) or "job-1")
+    base = ["submit", "--working-dir", str(tmp_path)]
+    job = ["--", "python", "jobs/run_cv.py", "--config", "local.yaml"]
+    assert cli.main([*base, "--set", "cv.storag=s3://b/r", *job]) == 2
+    assert "--set: cv.storag: unknown field" in capsys.readouterr().err and not sent
+    assert cli.main([*base, "--set", "cv.storage=s3://b/r", "--set", "train.epochs=3", *job]) == 0
+    assert sent == [["python", "jobs/run_cv.py", "--config", "local.yaml", "--set", "cv.storage=s3://b/r",
+                     "--set", "train.epochs=3"]]
+    assert "WARNING: cv.storage" not in capsys.readouterr().err  # the override put storage on a bucket
+
+
 def test_cli_without_entrypoint_says_how_to_give_one(tmp_path, clean_env, capsys):
     assert cli.main(["submit", "--working-dir", str(tmp_path)]) == 2
     assert "no entrypoint: put the command after --" in capsys.readouterr().err

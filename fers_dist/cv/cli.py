@@ -14,7 +14,14 @@ import sys
 import time
 from dataclasses import dataclass
 
-from fers_dist.config import DATASETS, VARIANTS, Config, load_config, resolve_paths
+from fers_dist.config import (
+    DATASETS,
+    VARIANTS,
+    Config,
+    add_set_argument,
+    load_config,
+    resolve_paths,
+)
 from fers_dist.errors import FersError
 
 
@@ -41,11 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-filesystem", action="store_true", default=None,
                    help="cv.shared_filesystem: the local paths (data root, storage) hold the same files on every "
                         "node (NFS, a per-node copy of the read-only data, or one machine)")
+    p.add_argument("--mlflow", metavar="URI", help="cv.tracking.mlflow: log every fold run to this MLflow server")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimates; start nothing")
     p.add_argument("--images-per-s", type=float,
                    help="--dry-run: measured training images/s per GPU (fers bench train) instead of the projection")
     p.add_argument("--gpus", type=float, help="--dry-run: plan for this many GPUs (default: 1, 8 and 64)")
+    add_set_argument(p)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -60,10 +69,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for flag, key in (("storage", "cv.storage"), ("data_root", "data.root"), ("experiment", "cv.experiment"),
                       ("resume", "cv.experiment"), ("workers_per_run", "cv.workers_per_run"),
                       ("gpus_per_run", "cv.gpus_per_run"), ("cpus_per_run", "cv.cpus_per_run"),
-                      ("shared_filesystem", "cv.shared_filesystem")):
+                      ("shared_filesystem", "cv.shared_filesystem"), ("mlflow", "cv.tracking.mlflow")):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, getattr(args, "sets", None))
 
 
 def _int(s: str, flag: str) -> int:
@@ -153,6 +162,14 @@ def _finished(frame, cfg: Config, tag: str) -> set[tuple]:
     return set(zip(mine["dataset"], mine["variant"], mine["fold"]))
 
 
+def _trial_name(trial) -> str:
+    """Trials (and their TensorBoard folders) are named by run: ``ckplus-original-f3``."""
+    from fers_dist.results import run_name
+
+    c = trial.config["run"]
+    return run_name(c["dataset"], c["variant"], c["fold"], c["tag"])
+
+
 def _run_wave(cfg: Config, wave: list[Run], res, tag: str) -> None:
     from ray import tune
 
@@ -176,7 +193,8 @@ def _run_wave(cfg: Config, wave: list[Run], res, tag: str) -> None:
     tuner = tune.Tuner(
         tune.with_resources(fold_trial, res.trial),
         param_space={"run": tune.grid_search(configs)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent, reuse_actors=True),
+        tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent, reuse_actors=True,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
             name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=f"{storage.rstrip('/')}/{experiment}",

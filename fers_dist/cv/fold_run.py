@@ -25,8 +25,10 @@ from pathlib import Path
 
 from fers_dist.config import parse_config
 from fers_dist.errors import FersError
+from fers_dist.provenance import provenance
 from fers_dist.results import experiment_uri, result_row, run_key, run_name
 from fers_dist.storage import download, exists, is_uri, upload
+from fers_dist.tracking import log_epoch, log_result, track_fold
 
 CHECKPOINT_FILES = ("main.pt", "fes_da.pt")
 
@@ -107,14 +109,20 @@ def train_func(config: dict) -> None:
     def report(metrics: dict, saved: str | None) -> None:
         if saved and is_uri(home) and rank == 0:
             upload(saved, f"{home}/{Path(saved).name}")
+        if mlflow:
+            log_epoch(mlflow, metrics)
         report_fn({**metrics, "run": name})
 
     data = Path(cfg.data.root) / config["dataset"]
-    result = fit_fold(cfg, data, config["fold"], report=report, checkpoint_dir=ckdir, init_from=init_from,
-                      device=device)
+    uri = cfg.cv.tracking.mlflow if rank == 0 else None
+    with track_fold(uri, cfg, config["dataset"], config["fold"], config["tag"], name, key) as mlflow:
+        result = fit_fold(cfg, data, config["fold"], report=report, checkpoint_dir=ckdir, init_from=init_from,
+                          device=device)
+        if mlflow:
+            log_result(mlflow, result)
     row = result_row(result, experiment=config["experiment"], tag=config["tag"], checkpoint_uri=home,
                      config=config["cfg"])
-    row["node_id"] = ray.get_runtime_context().get_node_id()
+    row.update(provenance(device), node_id=ray.get_runtime_context().get_node_id())
     report_fn({"run": name, "final": True, "test_accuracy": result.accuracy, "fold_result": json.dumps(row)})
 
 

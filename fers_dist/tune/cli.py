@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from fers_dist.config import Config, load_config, resolve_paths
+from fers_dist.config import Config, add_set_argument, load_config, resolve_paths
 from fers_dist.errors import DataError, FersError
 
 SAMPLERS = ("tpe", "random", "cmaes", "nsgaii")
@@ -55,17 +55,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (default: <cv.storage>/tune-<study>)")
     p.add_argument("--data-root", help="data.root: folder holding <dataset>/faces.parquet")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray; 'local' forces one)")
+    p.add_argument("--mlflow", metavar="URI", help="cv.tracking.mlflow: log every trial to this MLflow server "
+                                                   "(experiment <study>-trials)")
+    add_set_argument(p)
 
 
 FLAG_KEYS = {"dataset": "tune.dataset", "trials": "tune.trials", "storage": "tune.storage",
              "study": "tune.study", "objective": "tune.objective", "sampler": "tune.sampler",
              "pruner": "tune.pruner", "max_concurrent": "tune.max_concurrent", "epochs": "tune.epochs",
-             "outer_fold": "tune.outer_fold", "inner_folds": "tune.inner_folds", "data_root": "data.root"}
+             "outer_fold": "tune.outer_fold", "inner_folds": "tune.inner_folds", "data_root": "data.root",
+             "mlflow": "cv.tracking.mlflow"}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     flags = {key: getattr(args, name) for name, key in FLAG_KEYS.items() if getattr(args, name, None) is not None}
-    return load_config(args.config, flags or None)
+    return load_config(args.config, flags or None, getattr(args, "sets", None))
 
 
 def run(args: argparse.Namespace) -> int:

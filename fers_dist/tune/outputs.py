@@ -105,6 +105,7 @@ def plots(study, metrics: list[str], keys: list[str], log=print) -> dict[str, by
     import matplotlib
 
     matplotlib.use("Agg")
+    import optuna
     import optuna.visualization.matplotlib as ovm
     from optuna.exceptions import ExperimentalWarning
     from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
@@ -115,9 +116,9 @@ def plots(study, metrics: list[str], keys: list[str], log=print) -> dict[str, by
     lam = [k for k in keys if k.startswith("loss.lam_")]
 
     def importances(**kw):
-        try:  # fANOVA needs scikit-learn; PED-ANOVA is Optuna's own
+        try:  # fANOVA needs scikit-learn and some spread in the values; PED-ANOVA is Optuna's own
             return ovm.plot_param_importances(study, evaluator=FanovaImportanceEvaluator(), **kw)
-        except ImportError:
+        except (ImportError, RuntimeError):  # RuntimeError: "zero total variance" (every trial scored alike)
             return ovm.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator(), **kw)
 
     todo = {
@@ -130,14 +131,19 @@ def plots(study, metrics: list[str], keys: list[str], log=print) -> dict[str, by
     if multi:
         todo["pareto.png"] = lambda: ovm.plot_pareto_front(study, target_names=metrics)
     out = {}
-    for fname, draw in todo.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                warnings.simplefilter("ignore", UserWarning)
-                out[fname] = _png(_figure(draw()))
-        except Exception as e:  # noqa: BLE001  (Optuna refuses plots it has too little data for)
-            log(f"tune: skipped {fname} ({type(e).__name__}: {e})")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "unique value length < 2" on a young study's plots
+    try:
+        for fname, draw in todo.items():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ExperimentalWarning)
+                    warnings.simplefilter("ignore", UserWarning)
+                    out[fname] = _png(_figure(draw()))
+            except Exception as e:  # noqa: BLE001  (Optuna refuses plots it has too little data for)
+                log(f"tune: skipped {fname} ({type(e).__name__}: {e})")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     return out
 
 

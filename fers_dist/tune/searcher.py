@@ -9,6 +9,7 @@ invalid_config), ``epochs_trained``, ``wall_s``, ``ray_trial_id`` and the per-fo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -57,7 +58,29 @@ def tune_trial(params: dict, *, base: dict, outer_fold: int, inner_folds: int, e
     faces = _faces(cfg.data.root, base["tune"]["dataset"])
     nested = NestedCV(cfg, faces, outer_fold=outer_fold, k=inner_folds, epochs=epochs, objective=objective,
                       devices_held=devices_held, log=lambda m: print(m, file=sys.stderr))
-    nested.run(lambda m: tune.report(m))
+    from fers_dist.provenance import provenance
+
+    prov = json.dumps({**provenance(cfg.train.device), "node_id": ray.get_runtime_context().get_node_id()})
+    run = None
+    if cfg.cv.tracking.mlflow:  # one MLflow run per trial: the sampled λ as params, the inner-fold scores
+        from fers_dist.tracking import MlflowRun
+
+        trial = tune.get_context().get_trial_id()
+        run = MlflowRun(cfg.cv.tracking.mlflow, f"{cfg.tune.study}-trials", f"trial-{trial}",
+                        f"{cfg.tune.study}-{trial}", tags={"study": cfg.tune.study, "outer_fold": outer_fold,
+                                                           "objective": objective},
+                        params={k: str(v) for k, v in params.items()})
+
+    def report(m: dict) -> None:
+        if run:
+            run.log_metrics(m, int(m.get("epochs_trained", m.get("epoch", 0))))
+        tune.report({**m, "provenance": prov})
+
+    try:
+        nested.run(report)
+    finally:
+        if run:
+            run.end()
 
 
 class RecordingASHA(ASHAScheduler):
@@ -120,6 +143,8 @@ class FersOptunaSearch(OptunaSearch):
         for key in ("epochs_trained", "wall_s", "device_hours", "train_loss"):
             if key in r:
                 ot_trial.set_user_attr(key, r[key])
+        if "provenance" in r:
+            ot_trial.set_user_attr("provenance", json.loads(r["provenance"]))
         folds = sorted(k for k in r if k.startswith("inner_val_accuracy_f"))
         if folds:
             ot_trial.set_user_attr("inner_val_accuracies", [r[k] for k in folds])
