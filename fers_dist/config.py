@@ -249,11 +249,20 @@ class Config(_Section):
             node[leaf] = value
         return parse_config(data, source=source)
 
-    def hash(self) -> str:
-        """Hash of everything that changes a fold's result (not where it is stored or tuned)."""
-        keep = self.model_dump(exclude={"cv", "tune"})
-        keep["model"].pop("variant")
+    def result_fields(self, mode: str = "python") -> dict:
+        """Everything that changes a fold's result: not ``cv``/``tune`` (where and how runs are scheduled),
+        not ``data.root``, and of ``identity.checkpoint`` only the file's name, not where this machine keeps
+        it (paths are made absolute on the driver, and a job's working folder differs on every submit)."""
+        keep = self.model_dump(mode=mode, exclude={"cv", "tune"})
         keep["data"].pop("root")
+        ck = keep["identity"]["checkpoint"]
+        keep["identity"]["checkpoint"] = Path(ck).name if ck else ck
+        return keep
+
+    def hash(self) -> str:
+        """Hash of :meth:`result_fields` without the variant (fes_da reuses its original's checkpoints)."""
+        keep = self.result_fields()
+        keep["model"].pop("variant")
         blob = json.dumps(keep, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -271,6 +280,12 @@ def resolve_paths(cfg: Config, base: str | os.PathLike | None = None) -> Config:
     if cfg.identity.backbone == "lightcnn9" and cfg.identity.checkpoint:
         fields["identity.checkpoint"] = cfg.identity.checkpoint
     out = {}
+    uri = cfg.cv.tracking.mlflow
+    if uri:  # a local MLflow store (sqlite file, file: folder, plain path): one for every run, not one per folder
+        scheme = next((s for s in ("sqlite:///", "file://") if uri.startswith(s)), "" if "://" not in uri else None)
+        rest = uri[len(scheme):] if scheme is not None else "/"
+        if not rest.startswith("/"):
+            out["cv.tracking.mlflow"] = scheme + str((base / rest).resolve())
     for key, value in fields.items():
         if is_uri(value):
             continue
@@ -324,6 +339,17 @@ def parse_config(data: dict | None, source: str = "<config>") -> Config:
         raise ConfigError(_format_error(err, source)) from None
 
 
+def _wants_text(key: str) -> bool:
+    """Whether the schema field at dotted ``key`` holds text (so ``--set cv.experiment=2024`` stays a str)."""
+    model: Any = Config
+    for part in key.split("."):
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return False
+        model = field.annotation
+    return model is str or model == (str | None)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
                 sets: list[str] | None = None) -> Config:
     """Load a YAML config over the paper defaults (``None`` gives the defaults), then ``overrides`` (the
@@ -346,7 +372,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
         cfg = parse_config(data, source=str(path))
     cfg = cfg.with_overrides(overrides) if overrides else cfg
-    return cfg.with_overrides(parse_sets(sets), source="--set") if sets else cfg
+    if not sets:
+        return cfg
+    typed = parse_sets(sets)
+    raw = {k.strip(): v for k, _, v in (pair.partition("=") for pair in sets)}
+    return cfg.with_overrides({k: raw[k] if _wants_text(k) else v for k, v in typed.items()}, source="--set")
 
 
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:

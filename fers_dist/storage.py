@@ -1,6 +1,7 @@
 """Where results and checkpoints live: a local (or NFS) path, or any pyarrow filesystem URI (``s3://``,
 ``gs://``, ``hdfs://``). S3-compatible stores (MinIO, Ceph, a test's moto server) are reached through
-the standard ``AWS_ENDPOINT_URL`` variable or ``?endpoint_override=HOST:PORT&scheme=http`` on the URI.
+the standard ``AWS_ENDPOINT_URL`` variable (set on every node; a query string on the URI would not
+survive the paths fers-dist appends to it).
 Ray-free; the commands, the Ray layer and the report all move files through here.
 """
 

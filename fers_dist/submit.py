@@ -336,9 +336,10 @@ def run(args: argparse.Namespace) -> int:
     if entrypoint[:1] == ["--"]:
         entrypoint = entrypoint[1:]
     if args.sets:  # checked here (a bad key fails before anything is shipped), then passed to the job
-        from fers_dist.config import parse_config, parse_sets
+        from fers_dist.config import load_config
 
-        parse_config({}).with_overrides(parse_sets(args.sets), source="--set")
+        if _flag_value(entrypoint, "--config") is None:  # with a --config, storage_warnings checks them on it
+            load_config(None, sets=args.sets)
         entrypoint += [a for pair in args.sets for a in ("--set", pair)]
     address = resolve_address(args.address)
     extra = runtime_env_extra_from_args(args)

@@ -57,6 +57,8 @@ def test_set_values_are_typed_by_the_schema_and_applied_last():
     assert (cfg.train.epochs, cfg.loss.lam_adv, cfg.cv.folds) == (3, 0.1, [0, 2])
     assert (cfg.schedule.decay, cfg.train.amp) == ("cosine", False)
     assert parse_sets(["identity.checkpoint=w/a=b.pth"]) == {"identity.checkpoint": "w/a=b.pth"}
+    named = load_config(None, sets=["cv.experiment=2024", "cv.tracking.mlflow=5000"])  # text fields stay text
+    assert (named.cv.experiment, named.cv.tracking.mlflow) == ("2024", "5000")
 
 
 @pytest.mark.parametrize("pair, message", [

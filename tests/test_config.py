@@ -100,6 +100,12 @@ def test_every_path_field_is_resolved_on_the_driver(tmp_path):
     assert (out.data.root, out.cv.storage) == (str(tmp_path / "data"), str(tmp_path / "results"))
     remote = resolve_paths(cfg.with_overrides({"cv.storage": "s3://b/r"}), base=tmp_path)
     assert remote.cv.storage == "s3://b/r"
+    # the result's identity does not depend on where the driver ran: same hash from any working folder
+    assert out.hash() == cfg.hash() == resolve_paths(cfg, base=tmp_path / "w" / "..").hash()
+    mlflow = {u: resolve_paths(cfg.with_overrides({"cv.tracking.mlflow": u}), base=tmp_path).cv.tracking.mlflow
+              for u in ("sqlite:///m.db", "mlruns", "http://127.0.0.1:5000", "sqlite:////abs/m.db")}
+    assert mlflow == {"sqlite:///m.db": f"sqlite:///{tmp_path}/m.db", "mlruns": str(tmp_path / "mlruns"),
+                      "http://127.0.0.1:5000": "http://127.0.0.1:5000", "sqlite:////abs/m.db": "sqlite:////abs/m.db"}
     with pytest.raises(ConfigError, match=r"^identity.checkpoint: 'w/none.pth' not found \(resolved on the driver"):
         resolve_paths(cfg.with_overrides({"identity.checkpoint": "w/none.pth"}), base=tmp_path)
     # the checkpoint only matters where it is used

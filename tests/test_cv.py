@@ -125,6 +125,15 @@ def test_what_a_cluster_cannot_place_is_refused_before_any_run(tiny_cfg):
         check_placeable(cfg.with_overrides({"train.device": "cuda:0"}), nodes=1)
 
 
+def test_a_data_parallel_run_must_fit_on_one_node():
+    from fers_dist.cv.resources import check_fits_one_node
+
+    nodes = [{"CPU": 8, "GPU": 4}, {"CPU": 8, "GPU": 4}]  # 8 GPUs in all, 4 per node
+    check_fits_one_node(CVConfig(workers_per_run=4, gpus_per_run=4, cpus_per_run=8), nodes)
+    with pytest.raises(FersError, match=r"asks for 8 GPUs / 8 CPUs and the largest node has 4 GPUs / 8 CPUs"):
+        check_fits_one_node(CVConfig(workers_per_run=8, gpus_per_run=8, cpus_per_run=8), nodes)
+
+
 def test_data_parallel_needs_whole_gpus_per_worker():
     with pytest.raises(FersError, match=r"gpus_per_run=1 over cv.workers_per_run=2: .* whole GPUs per worker"):
         plan_resources(CVConfig(workers_per_run=2, gpus_per_run=1), {"CPU": 8, "GPU": 4})

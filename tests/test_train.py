@@ -207,3 +207,17 @@ def test_checkpoints_keep_only_the_training_devices_cuda_rng(tmp_path):
     state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8  # the old format: all 8 GPUs of a node
     torch.save(state, tmp_path / "old.pt")
     assert load_checkpoint(tmp_path / "old.pt", modules={"model": net}, generator=g)["epoch"] == 0
+    state["rng"]["generator"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state, on a CPU run
+    torch.save(state, tmp_path / "cuda.pt")
+    with pytest.raises(FersError, match="cuda.pt: made on another kind of device than this run's cpu"):
+        load_checkpoint(tmp_path / "cuda.pt", modules={"model": net}, generator=g)
+
+
+def test_fes_da_fine_tuning_epochs_are_reported_as_such(tiny):
+    """Live reports (Tune, MLflow) tell the fine-tuning epochs from the main ones, which restart at 0."""
+    cfg = tiny.with_overrides({"model.variant": "fes_da", "identity.backbone": "none", "train.epochs": 1,
+                               "train.fes_da_epochs": 1})
+    seen = []
+    fit_fold(cfg, tagged_faces(), 2, report=lambda m, saved: seen.append((m["epoch"], m.get("phase"))),
+             log=lambda m: None)
+    assert seen == [(0, None), (0, "fes_da")]

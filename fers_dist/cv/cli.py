@@ -126,6 +126,7 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", addre
     """Run every unfinished run of ``cfg``'s grid; returns the experiment's folds.parquet as a frame."""
     from fers_dist.cv.resources import (
         alive_nodes,
+        check_fits_one_node,
         check_placeable,
         describe,
         free_resources,
@@ -139,7 +140,9 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", addre
     check_inputs(cfg, runs)
     storage, experiment = cfg.cv.storage, cfg.cv.experiment
     with ray_session(address, quiet=True):
-        check_placeable(cfg, alive_nodes())
+        nodes = alive_nodes()
+        check_placeable(cfg, len(nodes))
+        check_fits_one_node(cfg.cv, nodes)
         done = _finished(read_folds(folds_uri(storage, experiment)), cfg, tag)
         todo = [r for r in runs if (r.dataset, r.variant, r.fold) not in done]
         print(f"fers cv: {experiment}: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
@@ -150,8 +153,8 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", addre
         first = [r for r in todo if r.variant != "fes_da"]
         second = [r for r in todo if r.variant == "fes_da"]
         for wave in (first, second):
-            if wave:
-                _run_wave(cfg, wave, res, tag)
+            if wave:  # fes_da (second wave) reuses only originals that FINISHED under this config
+                _run_wave(cfg, wave, res, tag, _finished(read_folds(folds_uri(storage, experiment)), cfg, tag))
         return read_folds(folds_uri(storage, experiment))
 
 
@@ -170,7 +173,7 @@ def _trial_name(trial) -> str:
     return run_name(c["dataset"], c["variant"], c["fold"], c["tag"])
 
 
-def _run_wave(cfg: Config, wave: list[Run], res, tag: str) -> None:
+def _run_wave(cfg: Config, wave: list[Run], res, tag: str, finished: set[tuple]) -> None:
     from ray import tune
 
     from fers_dist.cv.fold_run import checkpoint_home, fold_trial
@@ -183,7 +186,8 @@ def _run_wave(cfg: Config, wave: list[Run], res, tag: str) -> None:
     for r in wave:
         run_cfg = cfg.with_overrides({"model.variant": r.variant})
         init_from = None
-        if r.variant == "fes_da":  # reuse the original model of the same fold and config (same hash)
+        if r.variant == "fes_da" and (r.dataset, "original", r.fold) in finished:
+            # reuse the original model of the same fold and config (same hash), never a half-trained one
             main = f"{checkpoint_home(storage, experiment, run_key(r.dataset, 'original', r.fold, tag, h))}/main.pt"
             init_from = main if exists(main) else None
         configs.append({"dataset": r.dataset, "variant": r.variant, "fold": r.fold, "tag": tag,

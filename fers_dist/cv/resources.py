@@ -101,10 +101,23 @@ def plan_resources(cv: CVConfig, cluster: dict, n_runs: int | None = None) -> Ru
                         max_concurrent=min(fit, n_runs) if n_runs else fit)
 
 
-def alive_nodes() -> int:
+def alive_nodes() -> list[dict]:
+    """Each alive node's resources (``CPU``, ``GPU``, …)."""
     import ray
 
-    return sum(1 for n in ray.nodes() if n.get("Alive"))
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_fits_one_node(cv: CVConfig, nodes: list[dict]) -> None:
+    """A data-parallel run's workers are placed STRICT_PACK (one node): a run larger than every node would
+    wait forever, so it is refused here."""
+    if cv.workers_per_run <= 1 or not nodes:
+        return
+    cpus, gpus = max(float(n.get("CPU", 0)) for n in nodes), max(float(n.get("GPU", 0)) for n in nodes)
+    if cv.gpus_per_run > gpus or cv.cpus_per_run > cpus:
+        raise FersError(f"cv.workers_per_run={cv.workers_per_run}: a data-parallel run's workers share one node, "
+                        f"but the run asks for {cv.gpus_per_run:g} GPUs / {cv.cpus_per_run:g} CPUs and the "
+                        f"largest node has {gpus:g} GPUs / {cpus:g} CPUs")
 
 
 def check_device(cfg) -> None:
@@ -130,9 +143,10 @@ def check_placeable(cfg, nodes: int) -> None:
            f"cv.workers_per_run={cfg.cv.workers_per_run}" if cfg.cv.workers_per_run > 1 else "")
     local = [k for k, v in (("cv.storage", cfg.cv.storage), ("data.root", cfg.data.root)) if not is_uri(v)]
     if why and local and not cfg.cv.shared_filesystem:
-        raise FersError(f"{' and '.join(local)}: local path{'s' if len(local) > 1 else ''} but {why}; put "
-                        f"cv.storage on s3:// or gs://, or set cv.shared_filesystem: true if every node mounts "
-                        f"{' and '.join(local)} at the same path")
+        fix = ("put cv.storage on s3:// or gs://, and " if "cv.storage" in local else "") + (
+            f"set cv.shared_filesystem: true (--shared-filesystem) once {' and '.join(local)} holds the same "
+            f"files on every node (an NFS mount, or a per-node copy of the read-only data)")
+        raise FersError(f"{' and '.join(local)}: local path{'s' if len(local) > 1 else ''} but {why}; {fix}")
 
 
 def describe(res: RunResources, cluster: dict) -> str:

@@ -41,7 +41,11 @@ def load_checkpoint(path: str | Path, *, modules: dict, generator: torch.Generat
             raise FersError(f"{path}: checkpoint has no {key!r} state (has {sorted(state['modules'])})")
         module.load_state_dict(state["modules"][key])
     torch.set_rng_state(state["rng"]["torch"])
-    generator.set_state(state["rng"]["generator"])
+    try:
+        generator.set_state(state["rng"]["generator"])
+    except RuntimeError:  # a CPU generator's state does not fit a CUDA one, nor the reverse
+        raise FersError(f"{path}: made on another kind of device than this run's {generator.device.type}; resume "
+                        f"it where it was made (train.device), or start the run afresh") from None
     cuda_rng = state["rng"].get("cuda")
     if isinstance(cuda_rng, torch.Tensor) and generator.device.type == "cuda":  # the device it trains on now
         torch.cuda.set_rng_state(cuda_rng, generator.device)

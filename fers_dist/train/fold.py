@@ -115,7 +115,8 @@ def fit_fold(cfg: Config, data: FaceSet | str | Path, fold: int, report: Report 
         balanced = synthesize_balanced(model, train, cfg.model.input_size, amp)
         ft = Trainer(base_cfg, balanced, g, model=model, objective="cls", epochs=cfg.train.fes_da_epochs,
                      lr=cfg.train.fes_da_lr, log=log)
-        epochs_run += ft.fit(ckdir / "fes_da.pt" if ckdir else None, report, val, config_hash=cfg.hash())
+        ft_report = (lambda m, saved: report({**m, "phase": "fes_da"}, saved)) if report else None
+        epochs_run += ft.fit(ckdir / "fes_da.pt" if ckdir else None, ft_report, val, config_hash=cfg.hash())
         history = history + [dict(h, phase="fes_da") for h in ft.history]
 
     metrics = evaluate(model, test, cfg.model.input_size, amp=amp)

@@ -78,9 +78,12 @@ def tune_trial(params: dict, *, base: dict, outer_fold: int, inner_folds: int, e
 
     try:
         nested.run(report)
-    finally:
+    except BaseException:
         if run:
-            run.end()
+            run.end(ok=False)
+        raise
+    if run:
+        run.end()
 
 
 class RecordingASHA(ASHAScheduler):

@@ -60,8 +60,7 @@ def open_storage(url: str):
 
 def protocol(cfg: Config, epochs: int) -> str:
     """What makes two trials comparable: data, fold, inner folds, epochs, and the config outside the space."""
-    base = cfg.model_dump(mode="json", exclude={"cv", "tune"})
-    base["data"].pop("root")
+    base = cfg.result_fields(mode="json")
     for key in cfg.tune.space:
         section, leaf = key.split(".")
         base[section].pop(leaf, None)
