@@ -7,13 +7,7 @@ import numpy as np
 import pytest
 
 from fers_dist.data import align
-from fers_dist.data.align import (
-    CANONICAL,
-    AlignerUnavailable,
-    FaceNotFound,
-    anchors,
-    get_aligner,
-)
+from fers_dist.data.align import CANONICAL, AlignerUnavailable, FaceNotFound, anchors, get_aligner
 from fers_dist.data.synthetic import Identity, _Sequence
 from fers_dist.errors import FersError
 

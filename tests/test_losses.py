@@ -8,15 +8,7 @@ import pytest
 import torch
 
 from fers_dist.config import LossConfig
-from fers_dist.model.losses import (
-    cls_loss,
-    cyc_loss,
-    gan_loss,
-    idt_loss,
-    lambda_idt,
-    rec_loss,
-    total_loss,
-)
+from fers_dist.model.losses import cls_loss, cyc_loss, gan_loss, idt_loss, lambda_idt, rec_loss, total_loss
 
 
 def test_cls_loss_is_cross_entropy_eq5():

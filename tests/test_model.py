@@ -10,14 +10,7 @@ import torch.nn.functional as F
 from fers_dist.config import VARIANTS, ConfigError, ModelConfig
 from fers_dist.model.convflu import ConvFLU
 from fers_dist.model.discriminator import PatchDiscriminator, patch_size
-from fers_dist.model.fersnet import (
-    FERNet,
-    FERSNet,
-    SharedTrunkNet,
-    build_model,
-    count_params,
-    enlarged_width,
-)
+from fers_dist.model.fersnet import FERNet, FERSNet, SharedTrunkNet, build_model, count_params, enlarged_width
 from fers_dist.model.lightcnn import LightCNN9, to_lightcnn_input
 from fers_dist.model.losses import cls_loss, cyc_loss, gan_loss, idt_loss, rec_loss
 

@@ -14,14 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from fers_dist.config import (
-    DATASETS,
-    VARIANTS,
-    Config,
-    add_set_argument,
-    load_config,
-    resolve_paths,
-)
+from fers_dist.config import DATASETS, VARIANTS, Config, add_set_argument, load_config, resolve_paths
 from fers_dist.errors import FersError
 
 

@@ -148,12 +148,7 @@ def build_report(exp_dir: str | Path, out: str | Path | None = None, data_root: 
                  synthesis: bool = True) -> dict:
     """Write the tables, figures, ``report.md`` and ``report.html``; returns their paths and notes."""
     from fers_dist.report import tables as T
-    from fers_dist.report.experiment import (
-        fetch_experiment,
-        groups,
-        load_fes,
-        load_rows,
-    )
+    from fers_dist.report.experiment import fetch_experiment, groups, load_fes, load_rows
     from fers_dist.report.html import Section, render
     from fers_dist.report.provenance import mixed_versions, provenance_table
     from fers_dist.storage import is_uri

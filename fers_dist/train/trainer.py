@@ -23,24 +23,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fers_dist.config import Config
-from fers_dist.data.loader import (
-    FaceSet,
-    TargetSampler,
-    apply_augmentation,
-    sample_augmentation,
-)
+from fers_dist.data.loader import FaceSet, TargetSampler, apply_augmentation, sample_augmentation
 from fers_dist.errors import FersError
 from fers_dist.model import build_model
 from fers_dist.model.discriminator import PatchDiscriminator
-from fers_dist.model.losses import (
-    cls_loss,
-    cyc_loss,
-    gan_loss,
-    idt_loss,
-    lambda_idt,
-    rec_loss,
-    total_loss,
-)
+from fers_dist.model.losses import cls_loss, cyc_loss, gan_loss, idt_loss, lambda_idt, rec_loss, total_loss
 from fers_dist.train.checkpoint import check_stamp, load_checkpoint, save_checkpoint
 from fers_dist.train.evaluate import accuracy, autocast
 from fers_dist.train.identity import build_identity

@@ -212,12 +212,7 @@ def _run_trials(cfg: Config, study, storage, n: int, epochs: int, metrics: list[
 
     from fers_dist.cv.resources import check_device, free_resources, ray_session
     from fers_dist.tune import study as st
-    from fers_dist.tune.searcher import (
-        FersOptunaSearch,
-        ProgressCallback,
-        RecordingASHA,
-        tune_trial,
-    )
+    from fers_dist.tune.searcher import FersOptunaSearch, ProgressCallback, RecordingASHA, tune_trial
 
     t, multi = cfg.tune, len(metrics) > 1
     check_device(cfg)

@@ -105,11 +105,7 @@ def _check_baseline(key: str, p: SearchParam, value: Any) -> None:
 
 def distributions(space: dict[str, SearchParam]) -> dict:
     """``tune.space`` as Optuna distributions, keyed by the dotted config key."""
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     out = {}
     for key, p in space.items():

@@ -17,14 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fers_dist.data.layouts.base import (
-    Collector,
-    ReadResult,
-    check_root,
-    frame_number,
-    list_images,
-    sorted_dirs,
-)
+from fers_dist.data.layouts.base import Collector, ReadResult, check_root, frame_number, list_images, sorted_dirs
 
 NAME = "bu4dfe"
 CLASS_NAMES = ("anger", "disgust", "fear", "happy", "sadness", "surprise")
