@@ -291,17 +291,18 @@ def resolve_paths(cfg: Config, base: str | os.PathLike | None = None) -> Config:
 
 
 def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
-    """``--set key=value`` pairs (dotted keys) as overrides; each value is read as YAML (``0.3``, ``true``,
-    ``[0, 1]``, ``cosine``), then typed and checked by the schema in :meth:`Config.with_overrides`."""
+    """``--set key=value`` pairs (dotted keys) as overrides; a value is read as YAML (``0.3``, ``true``,
+    ``[0, 1]``) unless its field holds text, then typed and checked by :meth:`Config.with_overrides`."""
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, eq, text = pair.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE with a dotted key, e.g. --set loss.lam_adv=0.1")
-        try:
-            out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        key = key.strip()
+        try:  # a text field keeps the text as written (--set cv.experiment=2024 stays "2024")
+            out[key] = text if _wants_text(key) or not text.strip() else yaml.safe_load(text)
         except yaml.YAMLError:
-            out[key.strip()] = text
+            out[key] = text
     return out
 
 
@@ -365,11 +366,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
         cfg = parse_config(data, source=str(path))
     cfg = cfg.with_overrides(overrides) if overrides else cfg
-    if not sets:
-        return cfg
-    typed = parse_sets(sets)
-    raw = {k.strip(): v for k, _, v in (pair.partition("=") for pair in sets)}
-    return cfg.with_overrides({k: raw[k] if _wants_text(k) else v for k, v in typed.items()}, source="--set")
+    return cfg.with_overrides(parse_sets(sets), source="--set") if sets else cfg
 
 
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -42,14 +42,16 @@ def exists(uri: str) -> bool:
 def download(uri: str, local: str | Path | None = None) -> Path:
     """Copy one file to ``local`` (default: a new temporary folder, same file name)."""
     fs, path = filesystem(uri)
-    if not exists(uri):
-        raise FersError(f"{uri}: not found")
     local = Path(local) if local else Path(tempfile.mkdtemp(prefix="fers-")) / Path(path).name
     local.parent.mkdir(parents=True, exist_ok=True)
     part = local.with_name(f"{local.name}.{uuid.uuid4().hex}.part")
-    with fs.open_input_stream(path) as src, open(part, "wb") as dst:
-        while chunk := src.read(1 << 24):
-            dst.write(chunk)
+    try:
+        with fs.open_input_stream(path) as src, open(part, "wb") as dst:
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
+    except FileNotFoundError:
+        part.unlink(missing_ok=True)
+        raise FersError(f"{uri}: not found") from None
     part.replace(local)
     return local
 

@@ -64,12 +64,12 @@ def _ray_device(requested: str, local_mode: bool) -> str:
     import ray
     import torch
 
-    if not local_mode and requested != "cpu" and ray.get_gpu_ids():
+    device = choose_device(requested, ray.get_gpu_ids(), torch.cuda.is_available())
+    if device != "cpu" and not local_mode:  # a Train worker: Train's own pick among the worker's GPUs
         import ray.train.torch
 
-        choose_device(requested, ray.get_gpu_ids(), torch.cuda.is_available())  # the same checks
         return str(ray.train.torch.get_device())
-    return choose_device(requested, ray.get_gpu_ids(), torch.cuda.is_available())
+    return device
 
 
 def _local_checkpoints(home: str, key: str) -> Path:
@@ -106,16 +106,16 @@ def train_func(config: dict) -> None:
     if init_from and is_uri(init_from):  # fes_da: the original run's main.pt, read from the bucket
         init_from = str(download(init_from))
 
-    def report(metrics: dict, saved: str | None) -> None:
-        if saved and is_uri(home) and rank == 0:
-            upload(saved, f"{home}/{Path(saved).name}")
-        if mlflow:
-            log_epoch(mlflow, metrics)
-        report_fn({**metrics, "run": name})
-
     data = Path(cfg.data.root) / config["dataset"]
     uri = cfg.cv.tracking.mlflow if rank == 0 else None
     with track_fold(uri, cfg, config["dataset"], config["fold"], config["tag"], name, key) as mlflow:
+        def report(metrics: dict, saved: str | None) -> None:
+            if saved and is_uri(home) and rank == 0:
+                upload(saved, f"{home}/{Path(saved).name}")
+            if mlflow:
+                log_epoch(mlflow, metrics)
+            report_fn({**metrics, "run": name})
+
         result = fit_fold(cfg, data, config["fold"], report=report, checkpoint_dir=ckdir, init_from=init_from,
                           device=device)
         if mlflow:
