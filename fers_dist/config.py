@@ -106,7 +106,16 @@ class TrainConfig(_Section):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     amp: bool = Field(True, description="bf16 autocast on CUDA (CPU stays float32)")
     channels_last: bool = Field(True, description="NHWC activations and weights (faster on CUDA and CPU)")
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile the generator (one graph per step; off until "
+                                             "fers bench gpu measures it faster on your card)")
+    cudnn_benchmark: bool = Field(True, description="CUDA: let cuDNN autotune conv algorithms (input shapes "
+                                                    "never change within a run)")
+    tf32: bool = Field(True, description="CUDA: TF32 tensor cores for the float32 matmuls/convs left outside "
+                                         "bf16 autocast")
+    fused_adam: bool = Field(True, description="one fused Adam kernel per optimiser step (CUDA and CPU); "
+                                               "false: the foreach implementation")
+    expandable_segments: bool = Field(True, description="CUDA: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+                                                        "(less fragmentation), unless already set")
     inner_val_fraction: float = Field(
         0.0, ge=0, lt=1, description="share of TRAINING subjects held out for early stopping"
     )
@@ -143,6 +152,9 @@ class CVConfig(_Section):
     gpus_per_run: float = Field(1.0, ge=0, description="fractional values pack runs on one GPU")
     cpus_per_run: float = Field(1.0, gt=0)
     max_failures: int = Field(2, ge=0)
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="memory of one GPU, for the planner's memory check; None: from the nodes' "
+                                "accelerator type (unknown types skip the check with a note)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     shared_filesystem: bool = Field(
         False, description="the local paths (data.root, cv.storage) hold the same files on every node: an NFS "

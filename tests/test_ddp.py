@@ -115,3 +115,63 @@ def test_rank_zero_decides_the_resume_for_every_rank(tmp_path):
                        join=True)
     decided = [torch.load(tmp_path / f"decided{r}.pt", weights_only=True) for r in range(WORLD)]
     assert decided == [{"a": True, "b": False}] * WORLD
+
+
+def _buckets_main(rank: int, port: int, out: str) -> None:
+    from fers_dist.train.grad_sync import GradBuckets
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)  # the same weights on both ranks
+        net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        unused = torch.nn.Parameter(torch.ones(4))
+        params = [*net.parameters(), unused]
+        sync = GradBuckets(params, WORLD, bucket_bytes=64)  # 64 B: a bucket per one or two tensors
+        launched, phase = [], []
+        real_launch = sync._launch
+
+        def launch(bucket):  # when each bucket starts its all-reduce: during backward, or in finish()
+            launched.append((phase[-1], sync.next if phase[-1] == "backward" else -1))
+            real_launch(bucket)
+
+        sync._launch = launch
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(rank))  # each rank its own data
+        for step in range(2):  # step 0 records the gradient order; step 1 reduces during backward
+            net.zero_grad(set_to_none=True)
+            sync.begin()
+            phase.append("backward")
+            net(x).square().sum().backward()
+            phase.append("finish")
+            sync.finish()
+            if step == 0:
+                first, launched = launched, []
+        torch.save({"grads": [p.grad for p in net.parameters()], "unused": unused.grad, "x": x,
+                    "buckets": len(sync.buckets), "first": first, "launched": launched},
+                   os.path.join(out, f"b{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bucketed_gradient_average_equals_the_global_batch_gradient(tmp_path):
+    """GradBuckets: every rank ends with the mean of the ranks' gradients (what one process would compute
+    on the concatenated batch); buckets start reducing during backward, in order; a parameter that got no
+    gradient keeps none."""
+    mp.start_processes(_buckets_main, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn",
+                       join=True)
+    got = [torch.load(tmp_path / f"b{r}.pt", weights_only=True) for r in range(WORLD)]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    per_rank = []
+    for r in range(WORLD):
+        net.zero_grad()
+        net(got[r]["x"]).square().sum().backward()
+        per_rank.append([p.grad.clone() for p in net.parameters()])
+    expected = [torch.stack(gs).mean(0) for gs in zip(*per_rank)]
+    for r in range(WORLD):
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got[r]["grads"], expected))
+        assert got[r]["unused"] is None
+    first, launched = got[0]["first"], got[0]["launched"]
+    assert {p for p, _ in first} == {"finish"}  # step 1 records the order, reduces at the end
+    assert got[0]["buckets"] >= 3 and launched == [("backward", i) for i in range(got[0]["buckets"])]
+    assert got[1]["launched"] == launched  # both ranks issue the same collectives in the same order

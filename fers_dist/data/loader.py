@@ -149,16 +149,22 @@ def holdout_split(faces: FaceSet, train_idx: torch.Tensor, fraction: float, seed
 # -- augmentation (paper: random 96 crop of 110, mirror, rotation in {-15..15} step 5) ---------------
 
 
-def sample_augmentation(n: int, size: int, crop: int, rotations: list[float], mirror: bool,
+def rotation_table(rotations: list[float], device: torch.device) -> torch.Tensor:
+    """The allowed rotation angles in radians, built once per run: copying them to the device every step
+    would be a host-to-device transfer (and a sync) per step."""
+    return torch.tensor(rotations, dtype=torch.float32, device=device) * (math.pi / 180)
+
+
+def sample_augmentation(n: int, size: int, crop: int, angles: torch.Tensor, mirror: bool,
                         generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Affine matrices [n, 2, 3] for ``F.affine_grid``: a random crop, rotation and mirror per sample.
+    """Affine matrices [n, 2, 3] for ``F.affine_grid``: a random crop, rotation (one of ``angles``, from
+    :func:`rotation_table`) and mirror per sample. No host sync.
 
     Built once per batch and applied to the source image AND its target image, so the pair stays
     geometrically aligned for L_rec.
     """
     kw = {"generator": generator, "device": device}
-    angles = torch.tensor(rotations, dtype=torch.float32, device=device)
-    theta = angles[torch.randint(len(rotations), (n,), **kw)] * (math.pi / 180)
+    theta = angles[torch.randint(angles.numel(), (n,), **kw)]
     flip = (torch.where(torch.rand(n, **kw) < 0.5, -1.0, 1.0) if mirror
             else torch.ones(n, device=device))
     off = torch.randint(size - crop + 1, (n, 2), **kw).float()  # top-left corner in pixels

@@ -3,22 +3,14 @@ confusion matrix, and the mean ConvFLU gates (paper Fig. 3)."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from fers_dist.data.loader import FaceSet, center_crop
+from fers_dist.train.speed import autocast
 
 GATE_NAMES = ("fer_r", "fer_z", "fes_r", "fes_z")  # r: leaky gate (eq. 1), z: memory gate (eq. 3)
 GATE_MAP_SIZE = 12  # gate maps are stored pooled to at most 12x12 per position
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA; CPU runs stay float32."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _gate(g, name: str) -> torch.Tensor:

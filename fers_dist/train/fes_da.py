@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fers_dist.data.loader import FaceSet, center_crop
-from fers_dist.train.evaluate import autocast
+from fers_dist.train.speed import autocast
 
 
 @torch.no_grad()

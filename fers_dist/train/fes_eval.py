@@ -13,10 +13,6 @@ import time
 from pathlib import Path
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 RECOGNISER_SEED_OFFSET = 7919  # the recogniser's RNG stream differs from the fold run's
 
 
@@ -40,13 +36,14 @@ def train_recogniser(cfg, train, fold: int, epochs: int | None = None, checkpoin
     return trainer.model.eval()
 
 
-def _predict(model, images, crop: int, batch_size: int = 256):
+def _predict(model, images, crop: int, amp: bool = True, batch_size: int = 256):
     import torch
 
     from fers_dist.data.loader import center_crop
+    from fers_dist.train.speed import autocast
 
     device = next(model.parameters()).device
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, amp):
         return torch.cat([model(center_crop(images[i:i + batch_size].to(device), crop)).logits.argmax(1).cpu()
                           for i in range(0, len(images), batch_size)])
 
@@ -94,15 +91,15 @@ def fes_eval_fold(cfg, data, fold: int, generator, *, recogniser_epochs: int | N
         cache["recogniser"] = train_recogniser(cfg, train, fold, epochs, recogniser_checkpoint, log)
     recogniser = cache["recogniser"].to(dev).eval()
 
-    synth = synthesise_all(generator, test.images, crop, E)  # [N, E, C, crop, crop] uint8
+    synth = synthesise_all(generator, test.images, crop, E, amp=cfg.train.amp)  # [N, E, C, crop, crop] uint8
     n = len(test)
     target = torch.arange(E).repeat(n)
     own = test.labels.cpu().repeat_interleave(E)
-    pred = _predict(recogniser, synth.flatten(0, 1), crop)
+    pred = _predict(recogniser, synth.flatten(0, 1), crop, cfg.train.amp)
     confusion = torch.bincount(target * E + pred, minlength=E * E).view(E, E)
     per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
     cross = target != own
-    real_pred = _predict(recogniser, test.images, crop)
+    real_pred = _predict(recogniser, test.images, crop, cfg.train.amp)
 
     pick = torch.arange(n)
     if identity_faces and identity_faces < n:

@@ -83,13 +83,16 @@ def lightcnn_network(cfg, train, generator: torch.Generator, log=print) -> tuple
 
 @torch.no_grad()
 def lightcnn_embeddings(net: torch.nn.Module, sources: torch.Tensor, synth: torch.Tensor,
-                        batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """LightCNN-9 features of sources [N, D] and synthesised faces [N, E, D]."""
+                        batch_size: int = 128, amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """LightCNN-9 features of sources [N, D] and synthesised faces [N, E, D] (bf16 autocast on CUDA)."""
+    from fers_dist.train.speed import autocast
+
     device = next(net.parameters()).device
 
     def feats(u8: torch.Tensor) -> np.ndarray:
-        parts = [net(u8[i:i + batch_size].to(device).float() / 127.5 - 1).float().cpu()
-                 for i in range(0, len(u8), batch_size)]
+        with autocast(device, amp):
+            parts = [net(u8[i:i + batch_size].to(device).float() / 127.5 - 1).float().cpu()
+                     for i in range(0, len(u8), batch_size)]
         return torch.cat(parts).double().numpy()
 
     n, E = synth.shape[:2]

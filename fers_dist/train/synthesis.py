@@ -14,10 +14,11 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def synthesise_all(model: torch.nn.Module, images: torch.Tensor, crop: int, E: int,
-                   batch_size: int = 256) -> torch.Tensor:
+                   batch_size: int = 256, amp: bool = True) -> torch.Tensor:
     """G(z^t, I) for every target expression t of every face: uint8 [N, C, S, S] -> uint8 [N, E, C, crop, crop]
-    (centre crop in, as at test time)."""
+    (centre crop in, as at test time; bf16 autocast on CUDA when ``amp``)."""
     from fers_dist.data.loader import center_crop
+    from fers_dist.train.speed import autocast
 
     model.eval()
     device = next(model.parameters()).device
@@ -28,7 +29,8 @@ def synthesise_all(model: torch.nn.Module, images: torch.Tensor, crop: int, E: i
         x = center_crop(images[start:start + step].to(device), crop)
         b = x.shape[0]
         targets = torch.arange(E, device=device).repeat(b)
-        fake = model(x.repeat_interleave(E, 0), F.one_hot(targets, E).float()).image
+        with autocast(device, amp):
+            fake = model(x.repeat_interleave(E, 0), F.one_hot(targets, E).float()).image
         out[start:start + b] = to_uint8(fake).view(b, E, c, crop, crop).cpu()
     return out
 

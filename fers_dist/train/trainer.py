@@ -6,14 +6,13 @@ losses are accumulated as tensors and read back once per ``log_every`` steps and
 
 Data parallel (``cv.workers_per_run > 1``: Ray Train starts the workers and the torch.distributed group):
 every rank draws the same global batch, augmentation and targets from the same seeded generator, trains
-on its own slice ``[rank::world]``, and averages gradients with one all-reduce per optimiser step, so the
-ranks' weights never drift apart. BatchNorm statistics are per rank and synced from rank 0 once per
+on its own slice ``[rank::world]``, and averages gradients in buckets all-reduced while backward still runs
+(``grad_sync.GradBuckets``), so the ranks' weights never drift apart. BatchNorm statistics are per rank and synced from rank 0 once per
 epoch; rank 0 alone writes checkpoints. Outside torch.distributed (or with one worker) nothing changes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,32 +22,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fers_dist.config import Config
-from fers_dist.data.loader import FaceSet, TargetSampler, apply_augmentation, sample_augmentation
+from fers_dist.data.loader import FaceSet, TargetSampler, apply_augmentation, rotation_table, sample_augmentation
 from fers_dist.errors import FersError
 from fers_dist.model import build_model
 from fers_dist.model.discriminator import PatchDiscriminator
 from fers_dist.model.losses import cls_loss, cyc_loss, gan_loss, idt_loss, lambda_idt, rec_loss, total_loss
 from fers_dist.train.checkpoint import check_stamp, load_checkpoint, save_checkpoint
-from fers_dist.train.evaluate import accuracy, autocast
+from fers_dist.train.evaluate import accuracy
+from fers_dist.train.grad_sync import GradBuckets
 from fers_dist.train.identity import build_identity
 from fers_dist.train.schedule import make_scheduler
+from fers_dist.train.speed import adam, autocast, configure_backends, nhwc, running_stats_frozen, to_channels_last
 
 Report = Callable[[dict, "str | None"], None]
-
-
-@contextlib.contextmanager
-def running_stats_frozen(module: torch.nn.Module):
-    """BatchNorm still normalises with the batch's statistics (so gradients are unchanged) but does not
-    fold them into its running statistics, which test-time inference uses."""
-    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -68,7 +54,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, train: FaceSet, generator: torch.Generator, *, model=None,
                  objective: str = "full", epochs: int | None = None, lr: float | None = None,
-                 log: Callable[[str], None] = print):
+                 identity: torch.nn.Module | None | str = "build", log: Callable[[str], None] = print):
         self.cfg, self.train_set, self.g, self.log = cfg, train, generator, log
         self.device = train.images.device
         self.E = train.num_classes
@@ -80,21 +66,26 @@ class Trainer:
         self.model = model if model is not None else build_model(cfg.model, self.E).to(self.device)
         self.full = objective == "full" and getattr(self.model, "has_fes", False)
         self.amp = cfg.train.amp and self.device.type == "cuda"
-        if cfg.train.channels_last:  # faster on CUDA and on CPU (oneDNN), measured in docs/BENCHMARKS.md
-            self.model = self.model.to(memory_format=torch.channels_last)
-        opt_kw = {"betas": (cfg.optim.beta1, cfg.optim.beta2), "weight_decay": cfg.optim.weight_decay}
+        configure_backends(cfg, self.device)
+        # channels_last: faster on CUDA and on CPU (oneDNN), measured in docs/BENCHMARKS.md
+        to_channels_last(self.model, cfg.train.channels_last)
+        self.angles = rotation_table(cfg.data.rotations, self.device)
         sched = cfg.schedule if lr is None else cfg.schedule.model_copy(update={"lr_start": lr, "lr_end": lr})
-        self.opt_g = torch.optim.Adam(self.model.parameters(), lr=sched.lr_start, **opt_kw)
+        self.opt_g = adam(self.model.parameters(), sched.lr_start, cfg)
         self.sched_g = make_scheduler(self.opt_g, self.epochs, sched)
         self.D = self.opt_d = self.sched_d = self.identity = None
         if self.full:
             self.sampler = TargetSampler(train.labels, train.subjects, self.E)
             if cfg.loss.lam_adv > 0:
-                self.D = PatchDiscriminator(cfg.model, self.E).to(self.device)
-                self.opt_d = torch.optim.Adam(self.D.parameters(), lr=sched.lr_start, **opt_kw)
+                self.D = to_channels_last(PatchDiscriminator(cfg.model, self.E).to(self.device),
+                                          cfg.train.channels_last)
+                self.opt_d = adam(self.D.parameters(), sched.lr_start, cfg)
                 self.sched_d = make_scheduler(self.opt_d, self.epochs, sched)
-            self.identity = build_identity(cfg, train, generator, log)
+            self.identity = build_identity(cfg, train, generator, log) if identity == "build" else identity
         self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.grad_sync = {} if self.world == 1 else {  # one bucketed averager per optimiser
+            id(opt): GradBuckets([p for group in opt.param_groups for p in group["params"]], self.world)
+            for opt in (self.opt_g, self.opt_d) if opt is not None}
         self.history: list[dict] = []
 
     # -- state ---------------------------------------------------------------------------------
@@ -110,7 +101,7 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------------
     def step(self, idx: torch.Tensor, lam: dict[str, float], sums: dict[str, torch.Tensor]) -> None:
         cfg, tr, crop = self.cfg, self.train_set, self.cfg.model.input_size
-        aff = sample_augmentation(idx.numel(), tr.images.shape[-1], crop, cfg.data.rotations,
+        aff = sample_augmentation(idx.numel(), tr.images.shape[-1], crop, self.angles,
                                   cfg.data.mirror, self.g, self.device)  # for the global batch
         if self.full:
             y_t, t_idx = self.sampler.sample(idx, self.g)
@@ -153,22 +144,19 @@ class Trainer:
         self._accumulate(sums, terms, loss, out.logits, y)
 
     def _input(self, images: torch.Tensor, aff: torch.Tensor) -> torch.Tensor:
-        x = apply_augmentation(images, aff, self.cfg.model.input_size)
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
+        return nhwc(apply_augmentation(images, aff, self.cfg.model.input_size), self.cfg.train.channels_last)
 
     def _shard(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.world == 1 else t[self.rank::self.world]
 
     def _update(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
+        sync = self.grad_sync.get(id(opt))
+        if sync:  # data parallel: the mean gradient over the global batch, reduced while backward runs
+            sync.begin()
         loss.backward()
-        if self.world > 1:  # the mean gradient over the global batch, as one process would compute it
-            grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= self.world
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
+        if sync:
+            sync.finish()
         opt.step()
 
     def _sync_buffers(self) -> None:
