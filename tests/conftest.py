@@ -13,6 +13,9 @@ os.environ.setdefault("RAY_ACCEPT_CLUSTER_CONFIG_UPDATE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# every `device: auto` (demo.yaml, Ray runs) means the CPU, so the suite asserts the same bit-identical resumes
+# on a GPU machine as here; set FERS_DEVICE= (empty) to let `auto` pick CUDA again
+os.environ.setdefault("FERS_DEVICE", "cpu")
 # read when ray is imported: clients keep 127.0.0.1 instead of the machine's address (tests stay on loopback)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 

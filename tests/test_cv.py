@@ -96,6 +96,7 @@ def test_dry_run_starts_nothing(tiny_cfg, tmp_path, capsys):
 
 
 def test_devices_follow_what_ray_assigned(monkeypatch):
+    monkeypatch.delenv("FERS_DEVICE", raising=False)  # the suite's own pin, tested below
     assert choose_device("auto", [], cuda_usable=True) == "cpu"  # holds no GPU: never CUDA, even on a GPU node
     assert choose_device("cpu", ["0"], cuda_usable=False) == "cpu"  # logical GPUs, a deliberate CPU run
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # Ray narrows the visible devices to the assigned one
@@ -107,6 +108,20 @@ def test_devices_follow_what_ray_assigned(monkeypatch):
         choose_device("cuda", [], cuda_usable=True)
     with pytest.raises(FersError, match=r"train.device: 'cuda:1' is not allowed under Ray"):
         choose_device("cuda:1", ["0"], cuda_usable=True)
+
+
+def test_the_suite_pins_auto_to_the_cpu_so_it_passes_on_a_gpu_machine(monkeypatch):
+    """conftest.py sets FERS_DEVICE=cpu: `auto` means the CPU in fit_fold and in Ray runs, even where Ray
+    assigned a (real) GPU, so the bit-identical resume tests cannot meet non-deterministic CUDA kernels."""
+    from fers_dist.train.fold import resolve_device
+
+    assert os.environ["FERS_DEVICE"] == "cpu"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # as on a GPU machine
+    assert str(resolve_device("auto")) == "cpu"
+    assert choose_device("auto", ["0"], cuda_usable=True) == "cpu"
+    assert choose_device("cuda", ["0"], cuda_usable=True) == "cuda:0"  # an explicit device is still honoured
+    monkeypatch.setenv("FERS_DEVICE", "")
+    assert str(resolve_device("auto")) == "cuda"
 
 
 def test_what_a_cluster_cannot_place_is_refused_before_any_run(tiny_cfg):

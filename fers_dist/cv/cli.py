@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimates; start nothing")
     p.add_argument("--images-per-s", type=float,
                    help="--dry-run: measured training images/s per GPU (fers bench train) instead of the projection")
+    p.add_argument("--bench", metavar="FILE", help="--dry-run: throughput measured by `fers bench gpu --out FILE` "
+                                                   "(the figure matching this config) instead of the projection")
     p.add_argument("--gpus", type=float, help="--dry-run: plan for this many GPUs (default: 1, 8 and 64)")
     add_set_argument(p)
 
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from fers_dist.cv.plan import print_plan
 
-        print_plan(cfg, runs, args.images_per_s, args.gpus)
+        print_plan(cfg, runs, args.images_per_s, args.gpus, args.bench)
         return 0
     frame = run_cv(cfg, runs, tag=args.tag, address=args.address)
     from fers_dist.cv.progress import summary_table
@@ -120,6 +122,7 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", addre
     from fers_dist.cv.resources import (
         alive_nodes,
         check_fits_one_node,
+        check_gpu_memory,
         check_placeable,
         describe,
         free_resources,
@@ -136,6 +139,9 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", addre
         nodes = alive_nodes()
         check_placeable(cfg, len(nodes))
         check_fits_one_node(cfg.cv, nodes)
+        w = max(1, cfg.cv.workers_per_run)
+        check_gpu_memory(cfg, nodes, cfg.cv.gpus_per_run / w, cfg.train.batch_size // w, "cv.gpus_per_run",
+                         log=lambda m: print(m, file=sys.stderr))
         done = _finished(read_folds(folds_uri(storage, experiment)), cfg, tag)
         todo = [r for r in runs if (r.dataset, r.variant, r.fold) not in done]
         print(f"fers cv: {experiment}: {len(runs)} runs, {len(runs) - len(todo)} already finished, "

@@ -29,6 +29,7 @@ from fers_dist.provenance import provenance
 from fers_dist.results import experiment_uri, result_row, run_key, run_name
 from fers_dist.storage import download, exists, is_uri, upload
 from fers_dist.tracking import log_epoch, log_result, track_fold
+from fers_dist.train.speed import cap_process_memory, set_alloc_conf
 
 CHECKPOINT_FILES = ("main.pt", "fes_da.pt")
 
@@ -42,7 +43,10 @@ def choose_device(requested: str, gpu_ids: list, cuda_usable: bool) -> str:
 
     ``cpu`` stays on the CPU (logical GPUs on a CPU cluster, or a deliberate CPU run). A run that holds no
     GPU never touches CUDA, even on a GPU node. GPUs assigned but CUDA unusable is an error, never a silent
-    CPU run. ``cuda:N`` is refused: under Ray the GPU is Ray's choice."""
+    CPU run. ``cuda:N`` is refused: under Ray the GPU is Ray's choice. ``FERS_DEVICE`` (the test suite's
+    ``cpu``) replaces ``auto``, as in ``resolve_device``."""
+    if requested == "auto" and os.environ.get("FERS_DEVICE"):
+        requested = os.environ["FERS_DEVICE"]
     if requested == "cpu":
         return "cpu"
     if requested.startswith("cuda:"):
@@ -95,7 +99,9 @@ def train_func(config: dict) -> None:
     rank = 0 if local_mode else ray.train.get_context().get_world_rank()  # > 0 only for data parallel
 
     cfg = parse_config(config["cfg"], source="run config")
+    set_alloc_conf(cfg)  # before this process's first CUDA allocation
     device = _ray_device(cfg.train.device, local_mode)
+    cap_process_memory(device, cfg.cv.gpus_per_run / max(1, config["workers"]))
     name = run_name(config["dataset"], cfg.model.variant, config["fold"], config["tag"])
     key = run_key(config["dataset"], cfg.model.variant, config["fold"], config["tag"], cfg.hash())
     home = checkpoint_home(config["storage"], config["experiment"], key)

@@ -154,3 +154,52 @@ def describe(res: RunResources, cluster: dict) -> str:
            else f"local mode in the trial, {res.trial}")
     return (f"{res.max_concurrent} run(s) at once on {cluster.get('CPU', 0):g} free CPUs / "
             f"{cluster.get('GPU', 0):g} free GPUs; each run: {per}")
+
+
+# -- memory per run ------------------------------------------------------------------------------------
+GPU_MEMORY_GB = {"H200": 141, "H100": 80, "GH200": 96, "A100-80G": 80, "A100": 40, "L40S": 48, "L40": 48,
+                 "L4": 24, "A10G": 24, "A10": 24, "V100": 16, "T4": 16}  # Ray's accelerator_type names
+
+
+def gpu_memory_gb(cv: CVConfig, nodes: list[dict]) -> tuple[float | None, str]:
+    """Memory of one GPU: ``cv.gpu_memory_gb``, else from the nodes' ``accelerator_type:*`` resources
+    (the smallest card, if the types differ); None when unknown."""
+    if cv.gpu_memory_gb:
+        return cv.gpu_memory_gb, "cv.gpu_memory_gb"
+    types = sorted({k.split(":", 1)[1] for n in nodes for k in n if k.startswith("accelerator_type:")})
+    if types and all(t in GPU_MEMORY_GB for t in types):
+        return min(GPU_MEMORY_GB[t] for t in types), f"accelerator type {'/'.join(types)}"
+    return None, f"accelerator type {'/'.join(types) or 'not reported'}"
+
+
+def max_batch(cfg) -> int:
+    """The largest batch a run (or a tuning trial: the search space's ``train.batch_size``) can use."""
+    p = cfg.tune.space.get("train.batch_size") if hasattr(cfg, "tune") else None
+    if p is None:
+        return cfg.train.batch_size
+    return int(max(p.choices) if p.type == "categorical" else p.high)
+
+
+def check_gpu_memory(cfg, nodes: list[dict], share: float, batch: int, key: str, log=print,
+                     tuning: bool = False) -> None:
+    """Refuse, in one line, runs whose estimated peak memory (``train/memory.py``) exceeds their GPU share
+    (``share`` of one card, at ``batch`` per process): packed runs would otherwise OOM each other.
+    ``tuning``: a λ-study trial (its inner-fold models are held at once, stepped in lockstep)."""
+    if share <= 0 or cfg.train.device == "cpu":
+        return
+    memory, source = gpu_memory_gb(cfg.cv, nodes)
+    if memory is None:
+        log(f"fers: GPU memory check skipped: {source} has no known memory size; set cv.gpu_memory_gb")
+        return
+    from fers_dist.config import num_classes
+    from fers_dist.cv.plan import dataset_images
+    from fers_dist.train.memory import estimate_memory
+
+    datasets = [cfg.tune.dataset] if tuning else cfg.cv.datasets
+    n_images = max(dataset_images(cfg, d)[0] for d in datasets)
+    est = estimate_memory(cfg, n_images, max(num_classes(d) for d in datasets), "cuda", batch_size=batch,
+                          models=cfg.tune.inner_folds if tuning else 1)
+    limit = min(1.0, share) * memory
+    if est.total_gb > limit:
+        raise FersError(f"{key}={share:g} GPU of {memory:g} GB ({source}) gives a run {limit:.1f} GB, but one run "
+                        f"needs an estimated {est.line()}; give each run more of a GPU or lower train.batch_size")

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-
 RECOGNISER_SEED_OFFSET = 7919  # the recogniser's RNG stream differs from the fold run's
 
 

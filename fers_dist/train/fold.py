@@ -8,6 +8,7 @@ from ``checkpoint_dir`` and end with the same metrics as an uninterrupted run.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from fers_dist.model import build_model
 from fers_dist.train.checkpoint import check_stamp, load_weights
 from fers_dist.train.evaluate import evaluate
 from fers_dist.train.fes_da import synthesize_balanced
+from fers_dist.train.speed import set_alloc_conf
 from fers_dist.train.trainer import Report, Trainer
 
 
@@ -55,7 +57,12 @@ class FoldResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA where available, unless ``FERS_DEVICE`` names the device every ``auto`` means (the test
+    suite sets ``FERS_DEVICE=cpu`` so it runs the same on a GPU machine)."""
     if name == "auto":
+        forced = os.environ.get("FERS_DEVICE")
+        if forced:
+            return resolve_device(forced)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -82,6 +89,7 @@ def fit_fold(cfg: Config, data: FaceSet | str | Path, fold: int, report: Report 
     Checkpoints are stamped with ``cfg.hash()``; one made under another config is refused, never resumed.
     """
     t0 = time.perf_counter()
+    set_alloc_conf(cfg)  # takes effect if CUDA's allocator has not started in this process yet
     faces = data if isinstance(data, FaceSet) else load_faces(data)
     train_idx, test_idx = split_fold(faces, fold)  # clear errors before anything heavy
     device = resolve_device(device or cfg.train.device)

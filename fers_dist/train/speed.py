@@ -83,3 +83,11 @@ def running_stats_frozen(module: torch.nn.Module):
     finally:
         for m, bufs in zip(norms, originals):
             m._buffers.update(bufs)
+
+
+def cap_process_memory(device: str | torch.device, share: float) -> None:
+    """A packed run (``share`` < 1 of a GPU) may use at most that share of the card's memory: one run
+    that outgrows its share then fails alone with an OOM, instead of starving the runs beside it."""
+    device = torch.device(device)
+    if device.type == "cuda" and 0 < share < 1:
+        torch.cuda.set_per_process_memory_fraction(share, device)

@@ -210,7 +210,14 @@ def _run_trials(cfg: Config, study, storage, n: int, epochs: int, metrics: list[
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from fers_dist.cv.resources import check_device, free_resources, ray_session
+    from fers_dist.cv.resources import (
+        alive_nodes,
+        check_device,
+        check_gpu_memory,
+        free_resources,
+        max_batch,
+        ray_session,
+    )
     from fers_dist.tune import study as st
     from fers_dist.tune.searcher import FersOptunaSearch, ProgressCallback, RecordingASHA, tune_trial
 
@@ -218,6 +225,9 @@ def _run_trials(cfg: Config, study, storage, n: int, epochs: int, metrics: list[
     check_device(cfg)
     with ray_session(address):
         resources = trial_resources(cfg)
+        check_gpu_memory(cfg, alive_nodes(), resources["gpu"], max_batch(cfg),
+                         "tune.gpus_per_trial" if t.gpus_per_trial is not None else "cv.gpus_per_run", log,
+                         tuning=True)
         max_conc = concurrency(resources, free_resources(), t.max_concurrent)
         scheduler = None
         if t.pruner == "asha" and multi:

@@ -49,12 +49,15 @@ def tune_trial(params: dict, *, base: dict, outer_fold: int, inner_folds: int, e
     import torch
 
     from fers_dist.cv.fold_run import choose_device
+    from fers_dist.train.speed import cap_process_memory, set_alloc_conf
     from fers_dist.tune.objective import NestedCV
 
     cfg = parse_config(base, source="tune base config").with_overrides(params)
+    set_alloc_conf(cfg)
     # the device Ray assigned to this trial: none held means CPU, even on a GPU node
     cfg = cfg.with_overrides({"train.device": choose_device(cfg.train.device, ray.get_gpu_ids(),
                                                             torch.cuda.is_available())})
+    cap_process_memory(cfg.train.device, devices_held if ray.get_gpu_ids() else 0)
     faces = _faces(cfg.data.root, base["tune"]["dataset"])
     nested = NestedCV(cfg, faces, outer_fold=outer_fold, k=inner_folds, epochs=epochs, objective=objective,
                       devices_held=devices_held, log=lambda m: print(m, file=sys.stderr))
