@@ -101,8 +101,8 @@ def test_planner_refuses_a_gpu_share_the_run_cannot_fit(paper):
     check_gpu_memory(cfg, H200, 0.25, 64, "cv.gpus_per_run")
     notes = []
     check_gpu_memory(cfg, [{"GPU": 1}], 0.25, 64, "cv.gpus_per_run", log=notes.append)
-    assert notes == ["fers: GPU memory check skipped: accelerator type not reported has no known memory size; "
-                     "set cv.gpu_memory_gb"]
+    assert notes == [("fers: GPU memory check skipped: accelerator type not reported has no known memory size; "
+                      "set cv.gpu_memory_gb")]
     check_gpu_memory(cfg.with_overrides({"train.device": "cpu"}), H100, 0.01, 64, "cv.gpus_per_run")  # CPU run
 
 

@@ -129,7 +129,8 @@ def test_channels_last_forward_equals_nchw(full_cfg):
         plain = (g(x, z).image, g(x, z).logits, d(x, z))
         to_channels_last(g, True), to_channels_last(d, True)
         fast = (g(nhwc(x, True), z).image, g(nhwc(x, True), z).logits, d(nhwc(x, True), z))
-    assert g.fer_conv1.weight.is_contiguous(memory_format=torch.channels_last) if hasattr(g, "fer_conv1") else True
+    convs = [m for net in (g, d) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs if m.kernel_size != (1, 1))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, fast))
 
 
@@ -149,3 +150,24 @@ def test_compiled_step_matches_eager_in_one_graph(full_cfg):
     recompiles = sum(torch._dynamo.utils.counters["recompiles"].values())
     assert recompiles == 0, dict(torch._dynamo.utils.counters["recompiles"])
     assert frames >= 1
+
+
+def test_identity_network_drops_the_unused_classifier_and_runs_nhwc():
+    """LightCNN-9's 79,077-way classifier (20M parameters) never feeds L_idt, so it never reaches the device;
+    the features are unchanged, in channels_last too."""
+    from fers_dist.model.lightcnn import OFFICIAL_CLASSES, LightCNN9
+    from fers_dist.train.identity import IdentityFeatures
+
+    torch.manual_seed(0)
+    net = LightCNN9(num_classes=OFFICIAL_CLASSES)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    from fers_dist.model.lightcnn import to_lightcnn_input
+
+    with torch.no_grad():
+        expected = net.features(to_lightcnn_input(x))
+        plain, fast = IdentityFeatures(LightCNN9(num_classes=OFFICIAL_CLASSES)), IdentityFeatures(net, True)
+    assert sum(p.numel() for p in fast.parameters()) < 6_000_000 < OFFICIAL_CLASSES * 256
+    assert not any(k.startswith("net.fc2") for k in fast.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fast(x), expected, atol=1e-5)
+        assert plain(x).shape == expected.shape

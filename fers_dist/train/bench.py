@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the generator")
     p.add_argument("--no-amp", action="store_true", help="float32 on CUDA (default: bf16 autocast)")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW tensors (default: channels_last)")
+    p.add_argument("--no-fused-adam", action="store_true", help="foreach Adam (default: fused)")
     p.add_argument("--memory-fraction", type=float,
                    help="CUDA: cap this process at this share of the card (as a packed run is)")
     p.add_argument("--start-at", type=float, help="after warm-up, wait until this Unix time to start timing "
@@ -63,6 +64,7 @@ def bench_config(args: argparse.Namespace, sc: dict, device):
         "model.width": sc["width"], "model.input_size": size, "data.aligned_size": size + size // 6 + 2,
         "train.batch_size": sc["batch"], "train.compile": args.compile, "train.amp": not args.no_amp,
         "train.channels_last": not args.no_channels_last, "identity.backbone": args.identity,
+        "train.fused_adam": not args.no_fused_adam,
         "identity.encoder_width": 0.25, "train.device": str(device), "train.log_every": 10**9,
         "loss.lam_idt_start": 0.5 if args.identity != "none" else 0.1})
 
@@ -149,7 +151,7 @@ def bench(args: argparse.Namespace) -> dict:
     ips = args.steps * sc["batch"] / seconds
     out = {"bench": "train", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "scale": scale_name, **sc, "amp_bf16": trainer.amp, "compile": args.compile,
-           "channels_last": not args.no_channels_last, "identity": args.identity,
+           "channels_last": not args.no_channels_last, "fused_adam": not args.no_fused_adam, "identity": args.identity,
            "images_per_s": round(ips, 2), "step_ms": round(1000 * seconds / args.steps, 2),
            "tflop_per_image_counted": round(flops_per_image / 1e12, 4),
            "achieved_tflops": round(ips * flops_per_image / 1e12, 3), "memory_estimate_gb": round(estimate.total_gb, 2),
