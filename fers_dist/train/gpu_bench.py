@@ -39,7 +39,7 @@ SECTION_S = {"step": 60, "compiled": 240, "packed": 90, "fold": 120}  # budgeted
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--tiny", action="store_true", help="toy scale for a rehearsal on any device (CPU: ~3 min)")
+    p.add_argument("--tiny", action="store_true", help="toy scale for a rehearsal on any device (about 1-2 min on a 2-core CPU)")
     p.add_argument("--budget-s", type=float, default=480, help="skip sections that would run past this")
     p.add_argument("--packed", type=int, help="processes sharing the card (default 4; --tiny: 2)")
     p.add_argument("--out", help="also write the JSON here (for fers cv --dry-run --bench FILE)")
