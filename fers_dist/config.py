@@ -206,7 +206,11 @@ class TuneConfig(_Section):
     pruner: Literal["asha", "none"] = "asha"
     objective: Literal["fer", "fer+fes", "fer-fast"] = "fer"
     inner_folds: int = Field(3, ge=2, description="inner CV folds carved from training subjects")
-    outer_fold: int = Field(0, ge=0, description="outer fold whose training subjects are tuned on")
+    outer_fold: int = Field(0, ge=0, description="outer fold whose training subjects are tuned on (one study)")
+    outer_folds: list[int] | Literal["all"] | None = Field(
+        None, description="nested CV: one study per listed outer fold (<study>-outer<k>), each tuned on that "
+                          "fold's training subjects only and evaluated on that fold only; None: one study")
+    source_trial: int | None = Field(None, description="set in best.yaml: the study trial this config came from")
     grace_period: int = Field(5, ge=1, description="ASHA: epochs before a trial may be stopped")
     max_concurrent: int | None = Field(None, ge=1)
     space: dict[str, SearchParam] = Field(default_factory=_default_space)

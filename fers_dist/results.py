@@ -41,6 +41,9 @@ def result_row(result, *, experiment: str, tag: str = "paper", checkpoint_uri: s
     row.update(experiment=experiment, tag=tag, run_name=run_name(d["dataset"], d["variant"], d["fold"], tag),
                checkpoint_uri=checkpoint_uri, status=status, error=error,
                config=json.dumps(config or {}), finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    tune = (config or {}).get("tune") or {}
+    if tune.get("source_trial") is not None:  # a tuned config: the study and trial it came from
+        row.update(study=tune.get("study"), study_trial=int(tune["source_trial"]))
     return row
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fers_dist.config import DATASETS, VARIANTS, Config, add_set_argument, load_config, resolve_paths
 from fers_dist.errors import FersError
@@ -23,6 +23,10 @@ class Run:
     dataset: str
     variant: str
     fold: int
+    cfg: Config | None = field(default=None, compare=False, repr=False)  # its own config (a tuned fold), else the grid's
+
+    def config(self, grid: Config) -> Config:
+        return self.cfg or grid
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -142,8 +146,8 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", addre
         w = max(1, cfg.cv.workers_per_run)
         check_gpu_memory(cfg, nodes, cfg.cv.gpus_per_run / w, cfg.train.batch_size // w, "cv.gpus_per_run",
                          log=lambda m: print(m, file=sys.stderr))
-        done = _finished(read_folds(folds_uri(storage, experiment)), cfg, tag)
-        todo = [r for r in runs if (r.dataset, r.variant, r.fold) not in done]
+        done = _finished(read_folds(folds_uri(storage, experiment)), tag)
+        todo = [r for r in runs if (r.dataset, r.variant, r.fold, r.config(cfg).hash()) not in done]
         print(f"fers cv: {experiment}: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
               f"{len(todo)} to run", file=sys.stderr)
         free = free_resources()
@@ -153,15 +157,16 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", addre
         second = [r for r in todo if r.variant == "fes_da"]
         for wave in (first, second):
             if wave:  # fes_da (second wave) reuses only originals that FINISHED under this config
-                _run_wave(cfg, wave, res, tag, _finished(read_folds(folds_uri(storage, experiment)), cfg, tag))
+                _run_wave(cfg, wave, res, tag, _finished(read_folds(folds_uri(storage, experiment)), tag))
         return read_folds(folds_uri(storage, experiment))
 
 
-def _finished(frame, cfg: Config, tag: str) -> set[tuple]:
+def _finished(frame, tag: str) -> set[tuple]:
+    """(dataset, variant, fold, config hash) of every finished run with this tag."""
     if not len(frame):
         return set()
-    mine = frame[(frame["status"] == "finished") & (frame["config_hash"] == cfg.hash()) & (frame["tag"] == tag)]
-    return set(zip(mine["dataset"], mine["variant"], mine["fold"]))
+    mine = frame[(frame["status"] == "finished") & (frame["tag"] == tag)]
+    return set(zip(mine["dataset"], mine["variant"], mine["fold"], mine["config_hash"]))
 
 
 def _trial_name(trial) -> str:
@@ -180,12 +185,13 @@ def _run_wave(cfg: Config, wave: list[Run], res, tag: str, finished: set[tuple])
     from fers_dist.results import run_key
     from fers_dist.storage import exists
 
-    storage, experiment, h = cfg.cv.storage, cfg.cv.experiment, cfg.hash()
+    storage, experiment = cfg.cv.storage, cfg.cv.experiment
     configs = []
     for r in wave:
-        run_cfg = cfg.with_overrides({"model.variant": r.variant})
+        run_cfg = r.config(cfg).with_overrides({"model.variant": r.variant})
+        h = run_cfg.hash()
         init_from = None
-        if r.variant == "fes_da" and (r.dataset, "original", r.fold) in finished:
+        if r.variant == "fes_da" and (r.dataset, "original", r.fold, h) in finished:
             # reuse the original model of the same fold and config (same hash), never a half-trained one
             main = f"{checkpoint_home(storage, experiment, run_key(r.dataset, 'original', r.fold, tag, h))}/main.pt"
             init_from = main if exists(main) else None

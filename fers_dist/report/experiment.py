@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,14 +101,25 @@ def load_rows(exp_dir: str | Path) -> pd.DataFrame:
     return frame
 
 
+def config_group(row_config: str, config_hash: str) -> str:
+    """What makes runs one group: the config hash, except for nested-CV tuned runs, which carry one tuned
+    config per outer fold (studies ``<study>-outer<k>``) and group by their study family."""
+    study = (_config(row_config).get("tune") or {})
+    if study.get("source_trial") is not None and study.get("study"):
+        return "study:" + re.sub(r"-outer\d+$", "", study["study"])
+    return config_hash
+
+
 def labels(frame: pd.DataFrame) -> list[str]:
-    """``variant``, plus `` (tag)`` for tags other than "paper", plus `` [hash]`` when one variant and tag
-    ran under more than one config hash."""
-    n_hashes = frame.groupby(["variant", "tag"])["config_hash"].nunique()
+    """``variant``, plus `` (tag)`` for tags other than "paper", plus `` [hash]`` (or `` [study]``) when one
+    variant and tag ran under more than one config group."""
+    groups = [config_group(c, h) for c, h in zip(frame["config"], frame["config_hash"])]
+    n_groups = pd.Series(groups).groupby([frame["variant"].values, frame["tag"].values]).nunique()
     out = []
-    for v, t, h in zip(frame["variant"], frame["tag"], frame["config_hash"]):
+    for v, t, g in zip(frame["variant"], frame["tag"], groups):
         label = v + ("" if t == "paper" else f" ({t})")
-        out.append(label + (f" [{h[:6]}]" if n_hashes[(v, t)] > 1 else ""))
+        out.append(label + (f" [{g.removeprefix('study:') if g.startswith('study:') else g[:6]}]"
+                            if n_groups[(v, t)] > 1 else ""))
     return out
 
 

@@ -6,14 +6,17 @@
   are enqueued as the first trial, so the study always holds the baseline. Points breaking a
   cross-field rule (lr_end > lr_start) are rejected and recorded as FAILED trials (search_space.py).
 - Objective: mean accuracy on INNER validation folds carved from the training subjects of outer fold
-  ``tune.outer_fold``; the outer test fold is never loaded into a trial (objective.py).
+  ``tune.outer_fold``; the outer test fold is never loaded into a trial (objective.py). Nested CV
+  (``--outer-folds all``): one study per outer fold k, tuned on k's training subjects only, all in one
+  Ray Tune run (studies.py).
   ``--objective fer+fes`` adds FES realism, ``fer-fast`` device-hours (Pareto front).
 - Ray Tune runs the trials (OptunaSearch, TPE by default; ASHA stops weak trials on the epoch
   reports; a ConcurrencyLimiter sized to the cluster; reuse_actors=True).
 - The study lives in persistent Optuna storage: running the same command again resumes it, keeping
   finished trials and running only the missing ones (``--trials`` is the study's total).
 - Outputs in ``--out`` (default ``<cv.storage>/tune-<study>``): best.yaml, trials.parquet, PNG plots.
-  ``--evaluate-best`` then runs best.yaml through ``fers cv`` on the outer folds with tag "tuned".
+  ``--evaluate-best`` then runs each study's best.yaml through ``fers cv`` on its OWN outer fold only (the
+  one whose subjects the study never saw), tag "tuned"; never on folds the study tuned on.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pruner", choices=("asha", "none"), help="tune.pruner (single objective only)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster holds)")
     p.add_argument("--epochs", type=int, help="epochs per trial (tune.epochs)")
-    p.add_argument("--outer-fold", type=int, help="outer fold whose training subjects are tuned on")
+    p.add_argument("--outer-fold", type=int, help="one study: the outer fold whose training subjects are tuned on")
+    p.add_argument("--outer-folds", help="nested CV: one study per outer fold, 'all' or a comma list (0,3,7); each "
+                                         "is tuned on its fold's training subjects and tested on that fold only")
     p.add_argument("--inner-folds", type=int, help="inner CV folds (tune.inner_folds)")
     p.add_argument("--force", action="store_true",
                    help="continue an existing study even though its search space or protocol changed")
@@ -69,6 +74,12 @@ FLAG_KEYS = {"dataset": "tune.dataset", "trials": "tune.trials", "storage": "tun
 
 def config_from_args(args: argparse.Namespace) -> Config:
     flags = {key: getattr(args, name) for name, key in FLAG_KEYS.items() if getattr(args, name, None) is not None}
+    if getattr(args, "outer_folds", None):
+        text = args.outer_folds.strip()
+        try:
+            flags["tune.outer_folds"] = "all" if text == "all" else [int(f) for f in text.split(",") if f.strip()]
+        except ValueError:
+            raise FersError(f"--outer-folds: {text!r} is not 'all' or a comma list of fold indices") from None
     return load_config(args.config, flags or None, getattr(args, "sets", None))
 
 
@@ -76,16 +87,17 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     summary = run_tune(cfg, out=args.out, force=args.force, evaluate_best=args.evaluate_best,
                        address=args.address, source=args.config or "<defaults>")
-    _stderr(f"tune: study {summary['study']!r}: {summary['counted']}/{cfg.tune.trials} trials "
-            f"(storage {summary['storage']}; view with: optuna-dashboard {summary['storage']})")
-    if summary.get("best_trial") is not None:
-        vals = ", ".join(f"{k}={v:.4f}" for k, v in summary["best_values"].items())
-        _stderr(f"tune: best trial #{summary['best_trial']}: {vals}; wrote {summary['out']}")
+    for r in summary["studies"]:
+        _stderr(f"tune: study {r['study']!r}: {r['counted']}/{cfg.tune.trials} trials "
+                f"(storage {summary['storage']}; view with: optuna-dashboard {summary['storage']})")
+        if r.get("best_trial") is not None:
+            vals = ", ".join(f"{k}={v:.4f}" for k, v in r["best_values"].items())
+            _stderr(f"tune: {r['study']}: best trial #{r['best_trial']}: {vals}; wrote {r['out']}")
     if "evaluate_best" in summary:
         e = summary["evaluate_best"]
         acc = "n/a" if e["mean_accuracy"] is None else f"{e['mean_accuracy']:.4f}"
-        _stderr(f"tune: tuned config on the outer folds (tag 'tuned'): {e['finished']}/{e['runs']} runs finished, "
-                f"mean test accuracy {acc}")
+        _stderr(f"tune: tuned config(s) on outer fold(s) {e['folds']} (tag 'tuned'): {e['finished']}/{e['runs']} "
+                f"runs finished, mean test accuracy {acc}")
     return 0 if summary["counted"] >= cfg.tune.trials else 1
 
 
@@ -118,7 +130,7 @@ def concurrency(resources: dict[str, float], cluster: dict, requested: int | Non
 
 
 def check_data(cfg: Config) -> None:
-    """Fail before Ray starts: the prepared data exists, the outer fold exists, enough subjects remain."""
+    """Fail before Ray starts: the prepared data exists, the outer fold(s) exist, enough subjects remain."""
     import pyarrow.parquet as pq
 
     from fers_dist.data.loader import parquet_path
@@ -132,12 +144,24 @@ def check_data(cfg: Config) -> None:
                         f"--root RAW --out {cfg.data.root}, or pass --data-root)")
     cols = pq.read_table(path, columns=["fold", "subject"]).to_pydict()
     n_folds = max(cols["fold"]) + 1
-    if not t.outer_fold < n_folds:
-        raise FersError(f"tune.outer_fold: {t.outer_fold} is out of range: {path} has folds 0..{n_folds - 1}")
-    subjects = {s for s, f in zip(cols["subject"], cols["fold"]) if f != t.outer_fold}
-    if len(subjects) < t.inner_folds:
-        raise FersError(f"tune.inner_folds: {t.inner_folds} inner folds need {t.inner_folds} training subjects; "
-                        f"outer fold {t.outer_fold} of {path} leaves {len(subjects)}")
+    key = "tune.outer_fold" if t.outer_folds is None else "tune.outer_folds"
+    for k, _ in study_plan(cfg, n_folds):
+        if not 0 <= k < n_folds:
+            raise FersError(f"{key}: {k} is out of range: {path} has folds 0..{n_folds - 1}")
+        subjects = {s for s, f in zip(cols["subject"], cols["fold"]) if f != k}
+        if len(subjects) < t.inner_folds:
+            raise FersError(f"tune.inner_folds: {t.inner_folds} inner folds need {t.inner_folds} training subjects; "
+                            f"outer fold {k} of {path} leaves {len(subjects)}")
+
+
+def study_plan(cfg: Config, n_folds: int | None = None) -> list[tuple[int, str]]:
+    """(outer fold, study name) of every study: one (``tune.outer_fold``, ``tune.study``), or, with
+    ``tune.outer_folds``, one per listed outer fold named ``<study>-outer<k>``."""
+    t = cfg.tune
+    if t.outer_folds is None:
+        return [(t.outer_fold, t.study)]
+    folds = range(n_folds or cfg.data.n_folds) if t.outer_folds == "all" else dict.fromkeys(t.outer_folds)
+    return [(k, f"{t.study}-outer{k}") for k in folds]
 
 
 def make_sampler(name: str, seed: int, multi: bool):
@@ -161,7 +185,8 @@ def make_sampler(name: str, seed: int, multi: bool):
 # -- the run -----------------------------------------------------------------------------------
 def run_tune(cfg: Config, *, out: str | None = None, force: bool = False, evaluate_best: bool = False,
              address: str | None = None, source: str = "<config>", log=_stderr) -> dict:
-    """Run (or resume) the study of ``cfg.tune`` and write its outputs; returns a summary dict."""
+    """Run (or resume) the study (or, with ``tune.outer_folds``, the per-outer-fold studies) of ``cfg.tune``
+    and write their outputs; returns a summary dict (per study under ``studies``)."""
     from fers_dist.tune import search_space as ss
     from fers_dist.tune import study as st
     from fers_dist.tune.objective import OBJECTIVES
@@ -183,30 +208,51 @@ def run_tune(cfg: Config, *, out: str | None = None, force: bool = False, evalua
     storage_url = t.storage or st.default_storage(out)
     check_data(cfg)
     storage = st.open_storage(storage_url)
-    study = st.open_study(storage, t.study, cfg, epochs, ["maximize" if m == "max" else "minimize" for m in modes],
-                          force=force, log=log)
-    stale = st.fail_interrupted(study)
-    if stale:
-        log(f"tune: {stale} trial(s) left running by an interrupted run are marked FAILED (stop_reason=interrupted)")
-    done = st.counted(study)
-    remaining = t.trials - done
-    summary = {"study": t.study, "storage": storage_url, "out": out, "counted_before": done}
-    if remaining > 0:
-        if st.enqueue_baseline(study, ss.baseline(cfg)):
-            log("tune: enqueued the config's own values (the baseline) as the next trial")
-        log(f"tune: study {t.study!r} has {done} finished trial(s); running {remaining} more")
-        summary["ray"] = _run_trials(cfg, study, storage, remaining, epochs, metrics, modes, out, address, log)
-    else:
-        log(f"tune: study {t.study!r} already has {done} finished trial(s) (>= {t.trials}); nothing to run")
-    summary["counted"] = st.counted(study)
-    summary.update(write_outputs(study, cfg, out, metrics, log))
-    if evaluate_best and summary.get("best_trial") is not None:
-        summary["evaluate_best"] = evaluate_best_config(summary["written"]["best"], address, log)
+    directions = ["maximize" if m == "max" else "minimize" for m in modes]
+    studies = []
+    for k, name in study_plan(cfg):
+        cfg_k = cfg.with_overrides({"tune.outer_fold": k, "tune.study": name, "tune.outer_folds": None})
+        study = st.open_study(storage, name, cfg_k, epochs, directions, force=force, log=log)
+        stale = st.fail_interrupted(study)
+        if stale:
+            log(f"tune: {name}: {stale} trial(s) left running by an interrupted run are marked FAILED "
+                f"(stop_reason=interrupted)")
+        done = st.counted(study)
+        entry = {"fold": k, "study": name, "cfg": cfg_k, "optuna": study, "counted_before": done,
+                 "remaining": max(0, t.trials - done)}
+        if entry["remaining"]:
+            if st.enqueue_baseline(study, ss.baseline(cfg)):
+                log(f"tune: {name}: enqueued the config's own values (the baseline) as the next trial")
+            log(f"tune: study {name!r} has {done} finished trial(s); running {entry['remaining']} more")
+        else:
+            log(f"tune: study {name!r} already has {done} finished trial(s) (>= {t.trials}); nothing to run")
+        studies.append(entry)
+    summary = {"study": t.study, "storage": storage_url, "out": out, "studies": []}
+    todo = [e for e in studies if e["remaining"]]
+    if todo:
+        summary["ray"] = _run_trials(cfg, todo, storage, epochs, metrics, modes, out, address, log)
+    nested = t.outer_folds is not None
+    for e in studies:
+        e_out = f"{out.rstrip('/')}/outer{e['fold']}" if nested else out
+        if nested and "://" not in e_out:
+            Path(e_out).mkdir(parents=True, exist_ok=True)
+        row = {"study": e["study"], "outer_fold": e["fold"], "counted_before": e["counted_before"],
+               "counted": st.counted(e["optuna"]), "out": e_out}
+        row.update(write_outputs(e["optuna"], e["cfg"], e_out, metrics, log))
+        summary["studies"].append(row)
+    if not nested:  # one study: its figures at the top level, as before
+        summary.update({k: v for k, v in summary["studies"][0].items() if k not in ("study", "out")})
+    summary["counted"] = min(r["counted"] for r in summary["studies"])
+    if evaluate_best:
+        best = [(r["outer_fold"], r["written"]["best"]) for r in summary["studies"] if r.get("best_trial") is not None]
+        if best:
+            summary["evaluate_best"] = evaluate_best_configs(best, address, log, nested)
     return summary
 
 
-def _run_trials(cfg: Config, study, storage, n: int, epochs: int, metrics: list[str], modes: list[str],
+def _run_trials(cfg: Config, studies: list[dict], storage, epochs: int, metrics: list[str], modes: list[str],
                 out: str, address: str | None, log) -> dict:
+    """One Ray Tune run over every study's missing trials (``tune/studies.py`` dispatches them)."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -220,8 +266,10 @@ def _run_trials(cfg: Config, study, storage, n: int, epochs: int, metrics: list[
     )
     from fers_dist.tune import study as st
     from fers_dist.tune.searcher import FersOptunaSearch, ProgressCallback, RecordingASHA, tune_trial
+    from fers_dist.tune.studies import StudyASHA, StudySearch
 
     t, multi = cfg.tune, len(metrics) > 1
+    n = sum(e["remaining"] for e in studies)
     check_device(cfg)
     with ray_session(address):
         resources = trial_resources(cfg)
@@ -229,20 +277,24 @@ def _run_trials(cfg: Config, study, storage, n: int, epochs: int, metrics: list[
                          "tune.gpus_per_trial" if t.gpus_per_trial is not None else "cv.gpus_per_run", log,
                          tuning=True)
         max_conc = concurrency(resources, free_resources(), t.max_concurrent)
-        scheduler = None
+        use_asha = t.pruner == "asha" and not multi
         if t.pruner == "asha" and multi:
             log("tune: ASHA is not used for multi-objective studies (a stopped trial would sit on the Pareto "
                 "front with a truncated score); every trial runs all epochs")
-        elif t.pruner == "asha":
-            scheduler = RecordingASHA(time_attr="training_iteration", max_t=epochs,
-                                      grace_period=min(t.grace_period, epochs), reduction_factor=t.reduction_factor)
-        searcher = FersOptunaSearch(
-            base_cfg=cfg, epochs=epochs, scheduler=scheduler, space=_distributions(cfg),
-            metric=metrics if multi else metrics[0], mode=modes if multi else modes[0],
-            sampler=make_sampler(t.sampler, cfg.train.seed * 7919 + len(study.trials), multi),
-            study_name=t.study, storage=storage)
-        run_index = st.record_run(study, {"trials": n, "max_concurrent": max_conc, "resources": resources,
-                                          "pruner": "asha" if scheduler else "none"})
+        asha = {e["fold"]: RecordingASHA(time_attr="training_iteration", max_t=epochs,
+                                         grace_period=min(t.grace_period, epochs),
+                                         reduction_factor=t.reduction_factor) for e in studies} if use_asha else {}
+        searchers = {}
+        for e in studies:
+            searchers[e["fold"]] = (FersOptunaSearch(
+                base_cfg=cfg, epochs=epochs, scheduler=asha.get(e["fold"]), space=_distributions(cfg),
+                metric=metrics if multi else metrics[0], mode=modes if multi else modes[0],
+                sampler=make_sampler(t.sampler, cfg.train.seed * 7919 + len(e["optuna"].trials) + e["fold"], multi),
+                study_name=e["study"], storage=storage), e["remaining"])
+            e["run_index"] = st.record_run(e["optuna"], {"trials": e["remaining"], "max_concurrent": max_conc,
+                                                         "resources": resources, "pruner": "asha" if asha else "none"})
+        searcher = StudySearch(searchers)
+        scheduler = StudyASHA(asha) if asha else None
         devices = resources["gpu"] if resources["gpu"] > 0 else resources["cpu"]
         trainable = tune.with_resources(
             tune.with_parameters(tune_trial, base=_worker_config(cfg), outer_fold=t.outer_fold,
@@ -251,16 +303,18 @@ def _run_trials(cfg: Config, study, storage, n: int, epochs: int, metrics: list[
             resources)
         single = {} if multi else {"metric": metrics[0], "mode": modes[0]}
         ray_root = f"{out.rstrip('/')}/ray" if "://" in out else str(Path(out).resolve() / "ray")
+        run_name = f"{t.study}-run{studies[0]['run_index']}"
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_conc),
                                         scheduler=scheduler, num_samples=n, reuse_actors=True,
                                         trial_dirname_creator=_trial_dirname, **single),
-            run_config=tune.RunConfig(name=f"{t.study}-run{run_index}", storage_path=ray_root, verbose=0,
+            run_config=tune.RunConfig(name=run_name, storage_path=ray_root, verbose=0,
                                       callbacks=[ProgressCallback(n, metrics[0], modes[0])]),
         )
-        log(f"tune: {n} trial(s), {max_conc} at a time, {resources} each, {epochs} epochs x "
-            f"{t.inner_folds} inner folds, sampler {t.sampler}, pruner {'asha' if scheduler else 'none'}")
+        what = studies[0]["study"] if len(studies) == 1 else f"{len(studies)} studies (one per outer fold)"
+        log(f"tune: {what}: {n} trial(s), {max_conc} at a time, {resources} each, {epochs} epochs x "
+            f"{t.inner_folds} inner folds, sampler {t.sampler}, pruner {'asha' if asha else 'none'}")
         t0 = time.perf_counter()
         grid = tuner.fit()
         fit_s = time.perf_counter() - t0
@@ -270,7 +324,7 @@ def _run_trials(cfg: Config, study, storage, n: int, epochs: int, metrics: list[
             log(f"tune: a trial failed: {type(e).__name__}: {last}")
         return {"ray_trials": len(grid), "errors": len(errors), "rejected_points": searcher.rejected,
                 "asha_stopped": len(scheduler.stopped_early) if scheduler else 0, "max_concurrent": max_conc,
-                "fit_s": fit_s, "experiment": f"{ray_root}/{t.study}-run{run_index}"}
+                "fit_s": fit_s, "experiment": f"{ray_root}/{run_name}"}
 
 
 def _worker_config(cfg: Config) -> dict:
@@ -288,15 +342,26 @@ def _distributions(cfg: Config) -> dict:
     return distributions(cfg.tune.space)
 
 
-def evaluate_best_config(best_yaml: str, address: str | None, log) -> dict:
-    """Run the tuned config through the normal ``fers cv`` on the outer folds, tagged "tuned", so the
-    tuned and the paper's runs sit side by side in the same experiment's folds.parquet."""
-    from fers_dist.cv.cli import run_cv
+def evaluate_best_configs(best: list[tuple[int, str]], address: str | None, log, nested: bool) -> dict:
+    """Test each study's best config on the ONE outer fold whose subjects that study never saw (its own
+    ``tune.outer_fold``), through the normal ``fers cv``, tagged "tuned", all in one CV grid, so the tuned
+    and the paper's runs sit side by side in the same experiment's folds.parquet. Every row's config
+    records the study (``tune.study``) and trial (``tune.source_trial``) it came from."""
+    from fers_dist.cv.cli import Run, run_cv
 
-    tuned = load_config(best_yaml)
-    log(f"tune: --evaluate-best: fers cv --config {best_yaml} --tag tuned")
-    frame = run_cv(tuned, tag="tuned", address=address)
-    mine = frame[(frame["tag"] == "tuned") & (frame["config_hash"] == tuned.hash())] if len(frame) else frame
+    tuned = {k: load_config(path) for k, path in best}
+    runs = [Run(c.tune.dataset, c.tune.variant, k, cfg=c) for k, c in tuned.items()]
+    if not nested:
+        (k, path), = best
+        log(f"tune: --evaluate-best: {path} on outer fold {k} only: the one fold whose subjects the study never "
+            f"saw (its trials trained and validated on the other folds); use --outer-folds to test every fold")
+    else:
+        log(f"tune: --evaluate-best: each study's best config on its own outer fold ({len(runs)} runs, tag tuned)")
+    frame = run_cv(next(iter(tuned.values())), runs, tag="tuned", address=address)
+    keys = {(r.dataset, r.variant, r.fold, r.cfg.hash()) for r in runs}
+    mine = frame[[(d, v, f, h) in keys for d, v, f, h in zip(frame["dataset"], frame["variant"], frame["fold"],
+                                                             frame["config_hash"])]] if len(frame) else frame
+    mine = mine[mine["tag"] == "tuned"] if len(mine) else mine
     done = mine[mine["status"] == "finished"] if len(mine) else mine
-    return {"runs": len(mine), "finished": len(done),
+    return {"runs": len(mine), "finished": len(done), "folds": sorted(int(f) for f in done["fold"]) if len(done) else [],
             "mean_accuracy": float(done["accuracy"].mean()) if len(done) else None}

@@ -97,6 +97,7 @@ class NestedCV:
         self.amp = cfg.train.amp and device.type == "cuda"
         seed = cfg.train.seed * 1000 + outer_fold
         side = outer_training_side(faces, outer_fold)
+        self.subjects = sorted(side.subject_names[i] for i in side.subjects.unique().tolist())  # all it may see
         self.splits = inner_splits(side, k, seed)
         self.trainers: list[Trainer] = []
         self.vals: list[FaceSet] = []

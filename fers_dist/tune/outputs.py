@@ -70,9 +70,12 @@ def best_trial(study, metrics: list[str]):
 
 
 def best_config(cfg: Config, trial) -> Config:
-    """The tuned config, ready for ``fers cv``: the base config + the trial's params, one dataset/variant."""
-    return cfg.with_overrides({**trial.params, "cv.datasets": [cfg.tune.dataset],
-                               "cv.variants": [cfg.tune.variant], "model.variant": cfg.tune.variant})
+    """The tuned config, ready for ``fers cv``: the base config + the trial's params, one dataset/variant, and
+    ONLY the study's own outer fold (every other fold's subjects trained or validated its trials), with the
+    study and trial it came from."""
+    return cfg.with_overrides({**trial.params, "cv.datasets": [cfg.tune.dataset], "cv.folds": [cfg.tune.outer_fold],
+                               "cv.variants": [cfg.tune.variant], "model.variant": cfg.tune.variant,
+                               "tune.source_trial": trial.number})
 
 
 def _png(fig) -> bytes:

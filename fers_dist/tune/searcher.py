@@ -51,7 +51,10 @@ def tune_trial(params: dict, *, base: dict, outer_fold: int, inner_folds: int, e
     from fers_dist.cv.fold_run import choose_device
     from fers_dist.train.speed import cap_process_memory, set_alloc_conf
     from fers_dist.tune.objective import NestedCV
+    from fers_dist.tune.studies import OUTER_FOLD
 
+    params = dict(params)
+    outer_fold = params.pop(OUTER_FOLD, outer_fold)  # the study this trial belongs to (one per outer fold)
     cfg = parse_config(base, source="tune base config").with_overrides(params)
     set_alloc_conf(cfg)
     # the device Ray assigned to this trial: none held means CPU, even on a GPU node
@@ -64,6 +67,7 @@ def tune_trial(params: dict, *, base: dict, outer_fold: int, inner_folds: int, e
     from fers_dist.provenance import provenance
 
     prov = json.dumps({**provenance(cfg.train.device), "node_id": ray.get_runtime_context().get_node_id()})
+    seen = json.dumps({"outer_fold": outer_fold, "subjects": nested.subjects})  # recorded on the Optuna trial
     run = None
     if cfg.cv.tracking.mlflow:  # one MLflow run per trial: the sampled λ as params, the inner-fold scores
         from fers_dist.tracking import MlflowRun
@@ -77,7 +81,7 @@ def tune_trial(params: dict, *, base: dict, outer_fold: int, inner_folds: int, e
     def report(m: dict) -> None:
         if run:
             run.log_metrics(m, int(m.get("epochs_trained", m.get("epoch", 0))))
-        tune.report({**m, "provenance": prov})
+        tune.report({**m, "provenance": prov, "data_seen": seen})
 
     try:
         nested.run(report)
@@ -151,6 +155,9 @@ class FersOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr(key, r[key])
         if "provenance" in r:
             ot_trial.set_user_attr("provenance", json.loads(r["provenance"]))
+        if "data_seen" in r:  # the outer fold and every subject this trial trained or validated on
+            for k, v in json.loads(r["data_seen"]).items():
+                ot_trial.set_user_attr(k, v)
         folds = sorted(k for k in r if k.startswith("inner_val_accuracy_f"))
         if folds:
             ot_trial.set_user_attr("inner_val_accuracies", [r[k] for k in folds])
