@@ -216,6 +216,8 @@ class TuneConfig(_Section):
     space: dict[str, SearchParam] = Field(default_factory=_default_space)
     epochs: int | None = Field(None, ge=1, description="epochs per trial (ASHA max_t); None: train.epochs")
     reduction_factor: float = Field(3.0, gt=1, description="ASHA: keep the best 1/reduction_factor per rung")
+    precise_bn: bool = Field(True, description="before each inner validation, recompute BatchNorm statistics "
+                                               "from the inner TRAINING faces (early epochs otherwise score chance)")
     cpus_per_trial: float | None = Field(None, gt=0, description="CPUs per trial; None: cv.cpus_per_run")
     gpus_per_trial: float | None = Field(None, ge=0, description="GPUs per trial; None: cv.gpus_per_run")
 

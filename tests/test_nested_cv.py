@@ -106,3 +106,34 @@ def test_outer_folds_flag_and_bad_values(tmp_path, capsys):
                  "--storage", f"sqlite:///{tmp_path / 's.db'}", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("fers tune: error: tune.outer_folds: 7 is out of range:") and err.endswith("has folds 0..3")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_stops_a_trial_through_real_ray_tune_and_optuna_records_it_pruned(ray_session, tiny_tune, tmp_path):
+    """Real Ray Tune + ASHA (grace 1 epoch, halving) over 6 sequential trials of 3 epochs: at least one trial
+    is stopped at a rung, and its Optuna trial is PRUNED with its last reported value, not COMPLETE."""
+    import optuna
+
+    from fers_dist.tune.cli import run_tune
+
+    write_faces(tmp_path / "signal", signal=True)  # learnable faces: trials differ, no ties at chance
+    cfg = tiny_tune.with_overrides({"data.root": str(tmp_path / "signal"),
+                                    "tune.pruner": "asha", "tune.grace_period": 1, "tune.reduction_factor": 2,
+                                    "tune.epochs": 3, "tune.trials": 6, "tune.max_concurrent": 1,
+                                    "tune.study": "asha", "train.batch_size": 8,
+                                    "tune.space": {"schedule.lr_start": {"type": "loguniform", "low": 1e-4,
+                                                                         "high": 3e-2}}})
+    summary = run_tune(cfg, out=str(tmp_path / "asha"))
+    study = optuna.load_study(study_name="asha", storage=open_storage(cfg.tune.storage))
+    states = by_state(study)
+    pruned = states.get("PRUNED", [])
+    assert summary["ray"]["asha_stopped"] == len(pruned) >= 1
+    for t in pruned:
+        assert t.user_attrs["stop_reason"] == "asha" and t.user_attrs["epochs_trained"] < 3
+        last_step = max(t.intermediate_values)
+        assert last_step == t.user_attrs["epochs_trained"]  # step = Tune iteration = epoch + 1: the last report
+        assert t.value == pytest.approx(t.intermediate_values[last_step])
+        folds = t.user_attrs["inner_val_accuracies"]  # the last report's per-fold scores, recorded apart
+        assert t.value == pytest.approx(sum(folds) / len(folds))
+    assert all(t.user_attrs["epochs_trained"] == 3 for t in states["COMPLETE"])

@@ -25,8 +25,9 @@ PAPER = {"loss.lam_adv": 0.3, "loss.lam_rec": 1.0, "loss.lam_cyc": 0.5, "loss.la
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def write_faces(root: Path, dataset="oulu", n_subjects=12, size=40, n_folds=4, seed=0) -> Path:
-    """A tiny faces.parquet in the loader's format: every subject shows every expression once."""
+def write_faces(root: Path, dataset="oulu", n_subjects=12, size=40, n_folds=4, seed=0, signal=False) -> Path:
+    """A tiny faces.parquet in the loader's format: every subject shows every expression once. ``signal``:
+    each expression adds a bright block at its own place, so a model learns it within a few epochs."""
     import cv2
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -36,6 +37,9 @@ def write_faces(root: Path, dataset="oulu", n_subjects=12, size=40, n_folds=4, s
     for s in range(n_subjects):
         for y in range(6):
             img = rng.integers(0, 256, (size, size), dtype=np.uint8)
+            if signal:
+                r, c = divmod(y, 3)
+                img[8 + 12 * r:16 + 12 * r, 6 + 10 * c:14 + 10 * c] = 255
             rows["image"].append(cv2.imencode(".png", img)[1].tobytes())
             rows["subject"].append(f"P{s:03d}")
             rows["label"].append(y)

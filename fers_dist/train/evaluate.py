@@ -67,6 +67,32 @@ def _pool(gate: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def recompute_bn_stats(model: torch.nn.Module, faces: FaceSet, crop: int, batch_size: int = 256,
+                       amp: bool = True) -> None:
+    """Replace BatchNorm's running statistics with the exact statistics of ``faces`` (centre crops, as the
+    recogniser sees at test time), one forward pass, no gradient ("precise BN", Wu & Johnson 2021).
+
+    After a few epochs the running averages (momentum 0.1) still hold much of their initial values, and
+    an eval-mode model then predicts one class for every face: a short run (a tuning trial's early epochs,
+    which ASHA judges) would score chance whatever it learned. Pass TRAINING faces only."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass
+    model.train()
+    device = faces.images.device
+    for start in range(0, len(faces), batch_size):
+        with autocast(device, amp):
+            model(center_crop(faces.images[start:start + batch_size], crop))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+@torch.no_grad()
 def accuracy(model: torch.nn.Module, faces: FaceSet, crop: int, amp: bool = True) -> float:
     """Just the accuracy (inner validation during training); no gates, no confusion."""
     return evaluate(model, faces, crop, amp=amp)["accuracy"]

@@ -31,7 +31,7 @@ import torch
 from fers_dist.config import Config
 from fers_dist.data.loader import FaceSet, inner_folds, split_fold
 from fers_dist.errors import FersError
-from fers_dist.train.evaluate import accuracy
+from fers_dist.train.evaluate import accuracy, recompute_bn_stats
 from fers_dist.train.fold import resolve_device
 from fers_dist.train.trainer import Trainer
 
@@ -117,7 +117,10 @@ class NestedCV:
         crop, accs, losses = self.cfg.model.input_size, [], []
         for trainer, val in zip(self.trainers, self.vals):
             losses.append(trainer.run_epoch(e)["loss"])
+            if self.cfg.tune.precise_bn:  # from the inner TRAINING faces only
+                recompute_bn_stats(trainer.model, trainer.train_set, crop, amp=self.amp)
             accs.append(accuracy(trainer.model, val, crop, self.amp))
+            trainer.model.train()
         wall = time.perf_counter() - self.t0
         m = {"epoch": e, "epochs_trained": e + 1, "inner_val_accuracy": sum(accs) / len(accs),
              "train_loss": sum(losses) / len(losses), "wall_s": wall,

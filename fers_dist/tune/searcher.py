@@ -161,6 +161,12 @@ class FersOptunaSearch(OptunaSearch):
         folds = sorted(k for k in r if k.startswith("inner_val_accuracy_f"))
         if folds:
             ot_trial.set_user_attr("inner_val_accuracies", [r[k] for k in folds])
+        if reason == "asha" and isinstance(self._metric, str) and self._metric in r:
+            # Tune hands the result ASHA stopped on to on_trial_complete only, never to on_trial_result: report
+            # it, so the PRUNED trial's value is its LAST reported score (Optuna uses the last intermediate)
+            step = int(r.get("training_iteration", r.get("epochs_trained", 0)))
+            if step not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
+                ot_trial.report(float(r[self._metric]), step)
         if reason in ("asha", "interrupted"):
             # PRUNED keeps the last intermediate value (single objective); an interrupted trial is
             # FAILED so it is not counted and a resumed study samples afresh.
