@@ -132,6 +132,28 @@ def test_paired_tests_say_n_a_for_too_few_pairs_or_no_differences():
     assert format_p(0.0004) == "<0.001" and format_p(0.0312) == "0.031"
 
 
+def test_corrected_resampled_t_test_on_values_worked_out_by_hand():
+    """Nadeau & Bengio (2003), d = (1, 2, 3), n_test/n_train = 1/9: mean 2, s² = 1, so the variance of the
+    mean is (1/3 + 1/9)·1 = 4/9, se = 2/3, t = 3 with 2 degrees of freedom. The t(2) distribution has the
+    closed form F(t) = 1/2 + t / (2 sqrt(2 + t²)), so p = 2 (1 - F(3)) = 1 - 3/sqrt(11); its 97.5% point is
+    sqrt(2) (2·0.975 - 1) / sqrt(1 - (2·0.975 - 1)²) = 4.30265..., so the 95% interval is 2 ± 4.30265·2/3.
+    (The uncorrected paired t would be 2 / (1/sqrt(3)) = 3.464.)"""
+    from fers_dist.report.stats import corrected_t
+
+    r = corrected_t([1.0, 2.0, 3.0], 1 / 9)
+    assert r["nb_t"] == pytest.approx(3.0)
+    assert r["nb_p"] == pytest.approx(1 - 3 / math.sqrt(11))  # 0.09547
+    q = 2 * 0.975 - 1
+    t975 = math.sqrt(2) * q / math.sqrt(1 - q * q)
+    assert t975 == pytest.approx(4.302653, abs=1e-6)
+    assert (r["ci_low"], r["ci_high"]) == (pytest.approx(2 - t975 * 2 / 3), pytest.approx(2 + t975 * 2 / 3))
+    plain = paired_tests([1.0, 2.0, 3.0], [0.0, 0.0, 0.0], 1 / 9)
+    assert plain["t_stat"] == pytest.approx(2 * math.sqrt(3)) and plain["nb_p"] == pytest.approx(r["nb_p"])
+    assert plain["nb_p"] > plain["t_p"]  # the correction widens: fewer false "significant" ablations
+    assert corrected_t([1.0, 2.0, 3.0], None)["nb_note"] == "n/a (fold sizes unknown)"
+    assert corrected_t([0.1, 0.1], 0.1)["nb_note"] == "n/a (all differences equal)"
+
+
 def test_significance_table_pairs_the_folds_both_variants_finished(report):
     res, exp = report
     rows = pd.read_parquet(exp / "folds.parquet")
@@ -141,6 +163,12 @@ def test_significance_table_pairs_the_folds_both_variants_finished(report):
     assert r["n"] == 3
     assert r["t_p"] == pytest.approx(stats.ttest_rel(acc["original"].sort_index(), acc["no_mtl"].sort_index()).pvalue)
     assert r["w_note"] == f"n/a (n<{WILCOXON_MIN_PAIRS})"
+    folds = rows[(rows["variant"] == "no_mtl")].set_index("fold").sort_index()  # B's fold sizes give the ratio
+    ratio = folds["n_test_images"].mean() / folds["n_train_images"].mean()
+    d = (acc["original"].sort_index() - acc["no_mtl"].sort_index()).to_numpy()
+    t = d.mean() / math.sqrt((1 / 3 + ratio) * d.var(ddof=1))
+    assert r["nb_t"] == pytest.approx(t) and r["nb_p"] == pytest.approx(2 * stats.t.sf(abs(t), 2))
+    assert r["ci_low"] < r["mean_diff"] < r["ci_high"]
     one = sig[(sig["a"] == "fes_da") & (sig["b"] == "original")].iloc[0]
     assert one["n"] == 1 and one["folds"] == "0" and one["t_note"] == "n/a (n<2)"
 

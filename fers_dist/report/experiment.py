@@ -152,6 +152,14 @@ class Group:
         """Expected folds with no finished run (never ran or failed)."""
         return [f for f in range(self.expected) if f not in self.fold_accuracy]
 
+    def test_train_ratio(self, folds) -> float | None:
+        """Mean test images over mean training images on ``folds`` (the Nadeau-Bengio correction)."""
+        ok = self.finished()
+        ok = ok[ok["fold"].isin(list(folds))]
+        if "n_train_images" not in ok or not len(ok) or not ok["n_train_images"].fillna(0).gt(0).all():
+            return None
+        return float(ok["n_test_images"].mean() / ok["n_train_images"].mean())
+
     @property
     def n_done(self) -> int:
         return len(self.fold_accuracy)

@@ -174,6 +174,11 @@ def _fes_groups(fes: pd.DataFrame | None):
     return sorted(parts, key=lambda p: (p[0][0], rank.get(p[1]["variant"].iloc[0], 9), p[0][1]))
 
 
+CORRECTED_NOTE = ("CV folds share most of their training data, so the plain paired t-test and Wilcoxon "
+                  "reject too often; the corrected resampled t-test (Nadeau & Bengio 2003) and its 95% interval "
+                  "use the variance (1/k + n_test/n_train)·s² with the runs' own fold sizes.")
+
+
 # -- tuned vs paper ----------------------------------------------------------------------------------
 def tuned_vs_paper(frame: pd.DataFrame, G: dict[tuple[str, str], Group]) -> Table | None:
     """Runs tagged "tuned" beside the "paper" runs of the same dataset and variant (paired on common folds)."""
@@ -183,16 +188,19 @@ def tuned_vs_paper(frame: pd.DataFrame, G: dict[tuple[str, str], Group]) -> Tabl
             continue
         for p in (g for (dd, _), g in G.items() if dd == d and g.variant == t.variant and g.tag == "paper"):
             common = sorted(set(t.fold_accuracy) & set(p.fold_accuracy))
-            r = paired_tests([t.fold_accuracy[f] for f in common], [p.fold_accuracy[f] for f in common])
+            r = paired_tests([t.fold_accuracy[f] for f in common], [p.fold_accuracy[f] for f in common],
+                             p.test_train_ratio(common))
             rows.append([dataset_name(d), t.variant, p.cell(False), t.cell(False),
-                         DASH if not common else f"{100 * r['mean_diff']:+.2f}", str(r["n"]),
-                         format_p(r["t_p"], r["t_note"]), format_p(r["w_p"], r["w_note"])])
+                         DASH if not common else f"{100 * r['mean_diff']:+.2f}", _ci(r), str(r["n"]),
+                         format_p(r["nb_p"], r["nb_note"]), format_p(r["t_p"], r["t_note"]),
+                         format_p(r["w_p"], r["w_note"])])
             data.append({"dataset": d, "variant": t.variant, "paper_label": p.label, "tuned_label": t.label, **r})
     if not rows:
         return None
     return Table("tuned_vs_paper", "Tuned λ vs the paper's λ (accuracy %)",
-                 ["dataset", "variant", "paper λ", "tuned λ", "mean diff (tuned − paper)", "n pairs",
-                  "paired t p", "Wilcoxon p"], rows, pd.DataFrame(data), "paired on the folds both finished.")
+                 ["dataset", "variant", "paper λ", "tuned λ", "mean diff (tuned − paper)", "95% CI", "n pairs",
+                  "corrected t p", "paired t p (uncorrected)", "Wilcoxon p (uncorrected)"], rows, pd.DataFrame(data),
+                 f"paired on the folds both finished. {CORRECTED_NOTE}")
 
 
 # -- significance ------------------------------------------------------------------------------------
@@ -204,17 +212,24 @@ def significance(frame: pd.DataFrame, G: dict[tuple[str, str], Group]) -> Table:
         for a, b in itertools.combinations(labels, 2):
             ga, gb = G[(d, a)], G[(d, b)]
             common = sorted(set(ga.fold_accuracy) & set(gb.fold_accuracy))
-            r = paired_tests([gb.fold_accuracy[f] for f in common], [ga.fold_accuracy[f] for f in common])
+            r = paired_tests([gb.fold_accuracy[f] for f in common], [ga.fold_accuracy[f] for f in common],
+                             ga.test_train_ratio(common))
             rows.append([dataset_name(d), b, a, str(r["n"]),
-                         DASH if not common else f"{100 * r['mean_diff']:+.2f}",
-                         format_p(r["t_p"], r["t_note"]), format_p(r["w_p"], r["w_note"])])
+                         DASH if not common else f"{100 * r['mean_diff']:+.2f}", _ci(r),
+                         format_p(r["nb_p"], r["nb_note"]), format_p(r["t_p"], r["t_note"]),
+                         format_p(r["w_p"], r["w_note"])])
             data.append({"dataset": d, "a": b, "b": a, "folds": " ".join(map(str, common)), **r,
-                         "mean_diff": 100 * r["mean_diff"]})
+                         "mean_diff": 100 * r["mean_diff"], "ci_low": 100 * r["ci_low"], "ci_high": 100 * r["ci_high"]})
     return Table("significance", "Paired comparison across folds (A − B, accuracy points)",
-                 ["dataset", "A", "B", "n pairs", "mean diff (A − B)", "paired t-test p", "Wilcoxon signed-rank p"],
+                 ["dataset", "A", "B", "n pairs", "mean diff (A − B)", "95% CI (corrected)",
+                  "corrected resampled t p", "paired t-test p (uncorrected)", "Wilcoxon signed-rank p (uncorrected)"],
                  rows, pd.DataFrame(data),
-                 "two-sided scipy tests on the folds both variants finished; Wilcoxon needs n ≥ "
+                 f"two-sided tests on the folds both variants finished. {CORRECTED_NOTE} Wilcoxon needs n ≥ "
                  f"{WILCOXON_MIN_PAIRS} pairs (below that its exact p-value cannot reach 0.05).")
+
+
+def _ci(r: dict) -> str:
+    return DASH if math.isnan(r["ci_low"]) else f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
 
 
 # -- Table V (FES) -----------------------------------------------------------------------------------
