@@ -152,6 +152,9 @@ class CVConfig(_Section):
     gpus_per_run: float = Field(1.0, ge=0, description="fractional values pack runs on one GPU")
     cpus_per_run: float = Field(1.0, gt=0)
     max_failures: int = Field(2, ge=0)
+    seeds: list[int] | None = Field(
+        None, min_length=1, description="repeat every (dataset, variant, fold) once per train.seed listed "
+                                        "(GAN training varies with its seed); None: train.seed alone")
     gpu_memory_gb: float | None = Field(
         None, gt=0, description="memory of one GPU, for the planner's memory check; None: from the nodes' "
                                 "accelerator type (unknown types skip the check with a note)")

@@ -17,19 +17,21 @@ import pandas as pd
 from fers_dist.errors import FersError
 from fers_dist.storage import filesystem
 
-KEY = ["dataset", "variant", "fold", "config_hash", "tag"]
+KEY = ["dataset", "variant", "fold", "seed", "config_hash", "tag"]
 JSON_COLUMNS = ("gate_means", "gate_maps", "history", "config")
 
 
-def run_name(dataset: str, variant: str, fold: int, tag: str = "") -> str:
-    """Deterministic run names (Train V2 resumes a run by name): ``ckplus-original-f3``."""
-    return f"{dataset}-{variant}-f{fold}" + (f"-{tag}" if tag and tag != "paper" else "")
+def run_name(dataset: str, variant: str, fold: int, tag: str = "", seed: int = 0) -> str:
+    """Deterministic run names (Train V2 resumes a run by name): ``ckplus-original-f3``, and ``-s2`` for a
+    repeat under ``train.seed`` 2 (``cv.seeds``)."""
+    return (f"{dataset}-{variant}-f{fold}" + (f"-s{seed}" if seed else "")
+            + (f"-{tag}" if tag and tag != "paper" else ""))
 
 
-def run_key(dataset: str, variant: str, fold: int, tag: str, config_hash: str) -> str:
+def run_key(dataset: str, variant: str, fold: int, tag: str, config_hash: str, seed: int = 0) -> str:
     """Where a run keeps its checkpoints and Ray state: its name plus the hash of the config that trains
     it (``ckplus-original-f3-1a2b3c4d5e6f``), so a changed config never resumes another config's model."""
-    return f"{run_name(dataset, variant, fold, tag)}-{config_hash}"
+    return f"{run_name(dataset, variant, fold, tag, seed)}-{config_hash}"
 
 
 def result_row(result, *, experiment: str, tag: str = "paper", checkpoint_uri: str = "",
@@ -38,7 +40,7 @@ def result_row(result, *, experiment: str, tag: str = "paper", checkpoint_uri: s
     d = result if isinstance(result, dict) else result.to_dict()
     row = {k: v for k, v in d.items() if k not in JSON_COLUMNS}
     row.update({k: json.dumps(d.get(k, {})) for k in JSON_COLUMNS if k != "config"})
-    row.update(experiment=experiment, tag=tag, run_name=run_name(d["dataset"], d["variant"], d["fold"], tag),
+    row.update(experiment=experiment, tag=tag, run_name=run_name(d["dataset"], d["variant"], d["fold"], tag, d.get("seed", 0)),
                checkpoint_uri=checkpoint_uri, status=status, error=error,
                config=json.dumps(config or {}), finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     tune = (config or {}).get("tune") or {}
@@ -77,6 +79,7 @@ def append_rows(storage: str, experiment: str, rows: list[dict]) -> str:
     new = pd.DataFrame(rows)
     old = read_folds(uri)
     frame = pd.concat([old, new], ignore_index=True) if len(old) else new
+    frame["seed"] = (frame["seed"] if "seed" in frame else pd.Series(0, index=frame.index)).fillna(0).astype(int)
     frame = frame.drop_duplicates(subset=KEY, keep="last").sort_values(KEY[:3]).reset_index(drop=True)
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp, filesystem=fs)

@@ -35,8 +35,8 @@ def cv_cfg(tiny_cfg, data, storage, **cv):
 
 def test_plan_adds_original_for_fes_da_and_names_runs(tiny_cfg):
     cfg = tiny_cfg.with_overrides({"cv.datasets": ["ckplus"], "cv.variants": ["fes_da"], "cv.folds": [0, 3]})
-    assert plan_runs(cfg) == [Run("ckplus", "original", 0), Run("ckplus", "original", 3),
-                              Run("ckplus", "fes_da", 0), Run("ckplus", "fes_da", 3)]
+    assert plan_runs(cfg) == [Run("ckplus", "original", 0, 0), Run("ckplus", "original", 3, 0),
+                              Run("ckplus", "fes_da", 0, 0), Run("ckplus", "fes_da", 3, 0)]
 
 
 def test_unknown_dataset_or_variant_is_a_config_error(tiny_cfg):
@@ -291,3 +291,45 @@ def test_data_parallel_run_trains_one_fold_on_two_workers(tiny_cfg, prepared_dat
     ckdir = tmp_path / cfg.cv.experiment / "checkpoints" / run_key("ckplus", "original", 0, "paper", cfg.hash())
     pids = {(ckdir / f).read_text() for f in ("worker.pid", "worker1.pid")}
     assert len(pids) == 2 and (ckdir / "main.pt").exists()
+
+
+def test_seeds_repeat_every_run_and_count_in_the_plan(tiny_cfg, capsys):
+    from fers_dist.cli import main
+    from fers_dist.cv.cli import plan_runs
+    from fers_dist.results import run_key, run_name
+
+    cfg = tiny_cfg.with_overrides({"cv.datasets": ["ckplus"], "cv.variants": ["original"], "cv.folds": [0, 1],
+                                   "cv.seeds": [0, 1, 2]})
+    runs = plan_runs(cfg)
+    assert [(r.fold, r.seed) for r in runs] == [(f, s) for f in (0, 1) for s in (0, 1, 2)]
+    assert len({r.config(cfg).hash() for r in runs}) == 3  # train.seed is in the config hash
+    assert [run_name("ckplus", "original", 3, "paper", s) for s in (0, 2)] == ["ckplus-original-f3",
+                                                                              "ckplus-original-f3-s2"]
+    assert run_key("ckplus", "original", 3, "tuned", "abc", 1) == "ckplus-original-f3-s1-tuned-abc"
+    assert len(plan_runs(cfg.with_overrides({"cv.seeds": None, "train.seed": 5}))) == 2  # train.seed alone
+    assert main(["cv", "--config", str(ROOT / "jobs/configs/paper.yaml"), "--dry-run", "--gpus", "8",
+                 "--set", "cv.seeds=[0,1,2]"]) == 0
+    assert "360 runs (ckplus x120, oulu x120, mmi x120; variants no_mtl, no_convflu, original, fes_da; " \
+           "3 seeds 0, 1, 2 each)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_two_seeds_of_one_fold_are_two_rows_and_one_report_group(tiny_cfg, prepared_data, tmp_path, ray_session):
+    from fers_dist.report.experiment import groups, load_rows
+
+    cfg = cv_cfg(tiny_cfg, prepared_data, tmp_path, datasets=["ckplus"], variants=["original"], folds=[0, 1],
+                 workers_per_run=0, gpus_per_run=0, cpus_per_run=1).with_overrides({"cv.seeds": [0, 1]})
+    frame = run_cv(cfg)
+    assert len(frame) == 4 and (frame["status"] == "finished").all()
+    assert sorted(frame["run_name"]) == ["ckplus-original-f0", "ckplus-original-f0-s1", "ckplus-original-f1",
+                                         "ckplus-original-f1-s1"]
+    assert frame.groupby("seed")["config_hash"].nunique().to_dict() == {0: 1, 1: 1}
+    assert frame["config_hash"].nunique() == 2
+    rows = load_rows(Path(cfg.cv.storage) / cfg.cv.experiment)
+    (g,) = groups(rows).values()  # the two seeds are one group, not two labels
+    assert g.label == "original" and g.n_seeds == 2
+    acc = frame.pivot(index="fold", columns="seed", values="accuracy")
+    assert g.fold_accuracy == pytest.approx(acc.mean(axis=1).to_dict())  # per fold: the mean over seeds
+    assert g.seed_std == pytest.approx(acc.std(axis=1, ddof=1).mean())
+    assert f"(seed std {100 * g.seed_std:.2f}, 2 seeds)" in g.cell()

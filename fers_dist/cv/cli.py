@@ -23,10 +23,12 @@ class Run:
     dataset: str
     variant: str
     fold: int
+    seed: int | None = None  # cv.seeds: this repeat's train.seed (None: the config's own)
     cfg: Config | None = field(default=None, compare=False, repr=False)  # its own config (a tuned fold), else the grid's
 
     def config(self, grid: Config) -> Config:
-        return self.cfg or grid
+        base = self.cfg or grid
+        return base if self.seed is None or self.seed == base.train.seed else base.with_overrides({"train.seed": self.seed})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,7 +92,8 @@ def plan_runs(cfg: Config) -> list[Run]:
     variants = list(dict.fromkeys(cfg.cv.variants))
     if "fes_da" in variants and "original" not in variants:
         variants.insert(variants.index("fes_da"), "original")
-    return [Run(d, v, f) for d in dict.fromkeys(cfg.cv.datasets) for v in variants for f in folds]
+    seeds = list(dict.fromkeys(cfg.cv.seeds)) if cfg.cv.seeds else [cfg.train.seed]
+    return [Run(d, v, f, s) for d in dict.fromkeys(cfg.cv.datasets) for v in variants for f in folds for s in seeds]
 
 
 def check_inputs(cfg: Config, runs: list[Run]) -> None:
@@ -174,7 +177,7 @@ def _trial_name(trial) -> str:
     from fers_dist.results import run_name
 
     c = trial.config["run"]
-    return run_name(c["dataset"], c["variant"], c["fold"], c["tag"])
+    return run_name(c["dataset"], c["variant"], c["fold"], c["tag"], c["cfg"]["train"]["seed"])
 
 
 def _run_wave(cfg: Config, wave: list[Run], res, tag: str, finished: set[tuple]) -> None:
@@ -193,7 +196,8 @@ def _run_wave(cfg: Config, wave: list[Run], res, tag: str, finished: set[tuple])
         init_from = None
         if r.variant == "fes_da" and (r.dataset, "original", r.fold, h) in finished:
             # reuse the original model of the same fold and config (same hash), never a half-trained one
-            main = f"{checkpoint_home(storage, experiment, run_key(r.dataset, 'original', r.fold, tag, h))}/main.pt"
+            home = checkpoint_home(storage, experiment, run_key(r.dataset, "original", r.fold, tag, h, run_cfg.train.seed))
+            main = f"{home}/main.pt"
             init_from = main if exists(main) else None
         configs.append({"dataset": r.dataset, "variant": r.variant, "fold": r.fold, "tag": tag,
                         "cfg": run_cfg.model_dump(mode="json"), "storage": storage, "experiment": experiment,

@@ -102,8 +102,8 @@ def train_func(config: dict) -> None:
     set_alloc_conf(cfg)  # before this process's first CUDA allocation
     device = _ray_device(cfg.train.device, local_mode)
     cap_process_memory(device, cfg.cv.gpus_per_run / max(1, config["workers"]))
-    name = run_name(config["dataset"], cfg.model.variant, config["fold"], config["tag"])
-    key = run_key(config["dataset"], cfg.model.variant, config["fold"], config["tag"], cfg.hash())
+    name = run_name(config["dataset"], cfg.model.variant, config["fold"], config["tag"], cfg.train.seed)
+    key = run_key(config["dataset"], cfg.model.variant, config["fold"], config["tag"], cfg.hash(), cfg.train.seed)
     home = checkpoint_home(config["storage"], config["experiment"], key)
     ckdir = _local_checkpoints(home, key)
     ckdir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def fold_trial(config: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = parse_config(config["cfg"], source="run config")
-    key = run_key(config["dataset"], cfg.model.variant, config["fold"], config["tag"], cfg.hash())
+    key = run_key(config["dataset"], cfg.model.variant, config["fold"], config["tag"], cfg.hash(), cfg.train.seed)
     workers, use_gpu = config["workers"], bool(config["worker"].get("GPU"))
     trainer = TorchTrainer(
         train_func,

@@ -65,11 +65,13 @@ def print_plan(cfg: Config, runs: list, images_per_s: float | None = None, gpus:
         ips, source = images_per_s, "measured (--images-per-s)"
     elif bench:
         ips, source = bench_throughput(cfg, bench)
-    per = {(r.dataset, r.variant, r.fold): run_hours(cfg, r.dataset, r.variant, ips) for r in runs}
+    per = {(r.dataset, r.variant, r.fold, r.seed): run_hours(cfg, r.dataset, r.variant, ips) for r in runs}
     per_gpu = max(1, math.floor(1 / cfg.cv.gpus_per_run + 1e-9)) if cfg.cv.gpus_per_run else 1
+    seeds = list(dict.fromkeys(r.seed for r in runs))
     print(f"experiment {cfg.cv.experiment}: {len(runs)} runs "
           f"({', '.join(f'{k} x{v}' for k, v in Counter(r.dataset for r in runs).items())}; "
-          f"variants {', '.join(dict.fromkeys(r.variant for r in runs))})")
+          f"variants {', '.join(dict.fromkeys(r.variant for r in runs))}"
+          + (f"; {len(seeds)} seeds {', '.join(map(str, seeds))} each" if len(seeds) > 1 else "") + ")")
     for ds in dict.fromkeys(r.dataset for r in runs):
         n, src = dataset_images(cfg, ds)
         print(f"  {ds}: {n} images ({src}), {cfg.data.n_folds} folds, {cfg.train.epochs} epochs")

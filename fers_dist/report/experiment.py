@@ -87,7 +87,7 @@ def load_rows(exp_dir: str | Path) -> pd.DataFrame:
     if missing:
         raise FersError(f"{path}: column {missing[0]!r} is missing (not a fers folds.parquet)")
     defaults = {"status": "finished", "tag": "paper", "config_hash": "", "config": "{}", "accuracy": math.nan,
-                "n_test_images": 0, "checkpoint_uri": "", "gate_maps": "{}", "error": ""}
+                "n_test_images": 0, "checkpoint_uri": "", "gate_maps": "{}", "error": "", "seed": 0}
     for col, value in defaults.items():
         if col not in frame.columns:
             frame[col] = value
@@ -102,11 +102,20 @@ def load_rows(exp_dir: str | Path) -> pd.DataFrame:
 
 
 def config_group(row_config: str, config_hash: str) -> str:
-    """What makes runs one group: the config hash, except for nested-CV tuned runs, which carry one tuned
-    config per outer fold (studies ``<study>-outer<k>``) and group by their study family."""
-    study = (_config(row_config).get("tune") or {})
+    """What makes runs one group: the config hash with ``train.seed`` left out (the repeats of
+    ``cv.seeds`` are one group), except for nested-CV tuned runs, which carry one tuned config per outer
+    fold (studies ``<study>-outer<k>``) and group by their study family."""
+    cfg = _config(row_config)
+    study = cfg.get("tune") or {}
     if study.get("source_trial") is not None and study.get("study"):
         return "study:" + re.sub(r"-outer\d+$", "", study["study"])
+    if (cfg.get("train") or {}).get("seed"):
+        from fers_dist.config import ConfigError, parse_config
+
+        try:
+            return parse_config({**cfg, "train": {**cfg["train"], "seed": 0}}, source="row").hash()
+        except ConfigError:
+            return config_hash
     return config_hash
 
 
@@ -166,7 +175,22 @@ class Group:
 
     @property
     def mean_std(self) -> tuple[float, float]:
+        """Mean and fold-to-fold std of the per-fold accuracies (each the mean over its seeds)."""
         return mean_std(list(self.fold_accuracy.values()))
+
+    @property
+    def n_seeds(self) -> int:
+        ok = self.finished()
+        return int(ok.groupby("fold")["seed"].nunique().max()) if len(ok) and "seed" in ok else 1
+
+    @property
+    def seed_std(self) -> float:
+        """Seed-to-seed std within a fold (sample std over a fold's seeds), averaged over the folds with ≥ 2."""
+        ok = self.finished()
+        if self.n_seeds < 2:
+            return math.nan
+        per_fold = ok.groupby("fold")["accuracy"].std(ddof=1).dropna()
+        return float(per_fold.mean()) if len(per_fold) else math.nan
 
     def finished(self) -> pd.DataFrame:
         return self.rows[self.rows["status"] == "finished"].sort_values("fold")
@@ -193,12 +217,15 @@ class Group:
         return text + ")"
 
     def cell(self, with_images: bool = True) -> str:
-        """"97.10 ± 1.20 (9/10 folds; missing: 3)": accuracy in %, sample std over folds."""
+        """"97.10 ± 1.20 (9/10 folds; missing: 3)": accuracy in %, sample std over folds (with several
+        seeds: of the per-fold means over seeds, and the seed-to-seed std within a fold beside it)."""
         m, s = self.mean_std
         if math.isnan(m):
             acc = "no finished fold"
         else:
             acc = f"{100 * m:.2f}" + (f" ± {100 * s:.2f}" if not math.isnan(s) else " ± n/a")
+            if self.n_seeds > 1:  # fold-to-fold std above; the seed-to-seed std within a fold beside it
+                acc += f" (seed std {100 * self.seed_std:.2f}, {self.n_seeds} seeds)"
         images = f"; {self.n_test_images} img" if with_images and self.n_test_images else ""
         return f"{acc} {self.coverage()[:-1]}{images})"
 
@@ -213,7 +240,7 @@ def groups(frame: pd.DataFrame) -> dict[tuple[str, str], Group]:
         out[(dataset, label)] = Group(
             dataset=dataset, label=label, variant=first["variant"], tag=first["tag"],
             config_hash=first["config_hash"], expected=int(rows["expected_folds"].max()),
-            fold_accuracy={int(f): float(a) for f, a in zip(ok["fold"], ok["accuracy"])},
+            fold_accuracy={int(f): float(a) for f, a in ok.groupby("fold")["accuracy"].mean().items()},
             failed=[int(f) for f in failed], n_test_images=int(ok["n_test_images"].fillna(0).sum()), rows=rows)
     return out
 

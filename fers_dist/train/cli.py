@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     flags = {"data.root": args.data, "model.variant": args.variant, "cv.tracking.mlflow": args.mlflow}
     cfg = resolve_paths(load_config(args.config, {k: v for k, v in flags.items() if v is not None}, args.sets))
     variant = cfg.model.variant
-    name = run_name(args.dataset, variant, args.fold, args.tag)
-    key = run_key(args.dataset, variant, args.fold, args.tag, cfg.hash())
+    name = run_name(args.dataset, variant, args.fold, args.tag, cfg.train.seed)
+    key = run_key(args.dataset, variant, args.fold, args.tag, cfg.hash(), cfg.train.seed)
     out = Path(args.out or Path("runs") / key)
     epochs = cfg.train.epochs + (cfg.train.fes_da_epochs if variant == "fes_da" else 0)
     bar = tqdm(total=epochs, desc=name, unit="epoch", file=sys.stderr)
