@@ -33,7 +33,7 @@ def leaked_rows(rows: pd.DataFrame, cfg) -> list[tuple]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_per_outer_fold_studies_tune_side_by_side_resume_and_never_leak(ray_session, tiny_tune, tmp_path):
+def test_per_outer_fold_studies_tune_side_by_side_resume_and_never_leak(ray_session, tiny_tune, tmp_path):  # noqa: F811
     from fers_dist.results import folds_uri, read_folds
     from fers_dist.tune.cli import run_tune
 
@@ -72,7 +72,7 @@ def test_per_outer_fold_studies_tune_side_by_side_resume_and_never_leak(ray_sess
 
 
 @pytest.mark.ray
-def test_single_study_evaluates_only_the_fold_it_never_saw(ray_session, tiny_tune, tmp_path):
+def test_single_study_evaluates_only_the_fold_it_never_saw(ray_session, tiny_tune, tmp_path):  # noqa: F811
     from fers_dist.results import folds_uri, read_folds
     from fers_dist.tune.cli import run_tune
 
@@ -110,7 +110,8 @@ def test_outer_folds_flag_and_bad_values(tmp_path, capsys):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_asha_stops_a_trial_through_real_ray_tune_and_optuna_records_it_pruned(ray_session, tiny_tune, tmp_path):
+def test_asha_stops_a_trial_through_real_ray_tune_and_optuna_records_it_pruned(ray_session, tiny_tune,  # noqa: F811
+                                                                               tmp_path):
     """Real Ray Tune + ASHA (grace 1 epoch, halving) over 6 sequential trials of 3 epochs: at least one trial
     is stopped at a rung, and its Optuna trial is PRUNED with its last reported value, not COMPLETE."""
     import optuna

@@ -306,8 +306,8 @@ def test_multi_objective_study_writes_a_pareto_front_and_evaluates_the_best(ray_
 @pytest.mark.slow
 def test_killed_run_resumes_without_repeating_finished_trials(ray_session, tiny_tune, tmp_path):
     """A real crash: the job entry point runs in its own session and is SIGKILLed with its local Ray."""
-    cfg = tiny_tune.with_overrides({"tune.study": "killed", "tune.trials": 4, "tune.max_concurrent": 1,
-                                    "tune.epochs": 2})
+    cfg = tiny_tune.with_overrides({"tune.study": "killed", "tune.trials": 8, "tune.max_concurrent": 1,
+                                    "tune.epochs": 2})  # 8 trials of ~1 s: the kill lands well before the end
     dump_config(cfg, tmp_path / "killed.yaml")
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "tune_lambdas.py"), "--config",
@@ -317,7 +317,7 @@ def test_killed_run_resumes_without_repeating_finished_trials(ray_session, tiny_
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
-            time.sleep(1)
+            time.sleep(0.2)
             try:
                 if len(by_state(load(cfg)).get("COMPLETE", [])) >= 1:
                     break
@@ -328,13 +328,13 @@ def test_killed_run_resumes_without_repeating_finished_trials(ray_session, tiny_
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
     done = {t.number: t.params for t in by_state(load(cfg))["COMPLETE"]}
-    assert 1 <= len(done) < 4
+    assert 1 <= len(done) < 8
 
     from fers_dist.tune.cli import run_tune
 
     summary = run_tune(cfg, out=str(tmp_path / "k"))
     study = load(cfg)
-    assert summary["counted"] == 4 and len(by_state(study)["COMPLETE"]) == 4
+    assert summary["counted"] == 8 and len(by_state(study)["COMPLETE"]) == 8
     assert {n: study.trials[n].params for n in done} == done
     assert all(t.user_attrs["stop_reason"] == "interrupted" for t in by_state(study).get("FAIL", []))
     left = subprocess.run(["ps", "-s", str(proc.pid), "-o", "stat="], capture_output=True, text=True,
