@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
                     n_folds=cfg.data.n_folds, fold_seed=cfg.data.fold_seed)
         step("cv", f"{cfg.data.n_folds}-fold CV of {', '.join(variants)} on {', '.join(datasets)} (Ray Tune + Train)")
         frame = run_cv(cfg)
-        step("tune", f"λ study: {trials} trials of Ray Tune + Optuna on inner folds of ckplus")
+        step("tune", f"λ study, nested CV: one study per outer fold {cfg.tune.outer_folds} of ckplus, {trials} "
+                     f"trials each, side by side in one Ray Tune run")
         study = run_tune(cfg, out=str(out / "results" / "tune-demo"), force=True)
         step("report", "report: tables, figures, report.html")
         report = build_report(out / "results" / cfg.cv.experiment)
@@ -127,7 +128,11 @@ def run(args: argparse.Namespace) -> int:
               f"{len(acc)} folds (chance {CHANCE[ds]:.3f})")
     print(f"\nresults:   {out / 'results' / cfg.cv.experiment / 'folds.parquet'}")
     print(f"report:    {report['html']}")
-    print(f"λ study:   {study.get('out')} (best config: {study.get('written', {}).get('best', '-')})")
+    for r in study["studies"]:
+        best = (r.get("best_values") or {}).get("inner_val_accuracy")
+        score = "no finished trial" if best is None else (
+            f"best inner validation accuracy {best:.3f} (chance {CHANCE[cfg.tune.dataset]:.3f})")
+        print(f"λ study:   {r['study']} (outer fold {r['outer_fold']}): {score}; {r['out']}")
     steps = ", ".join(f"{k} {v:.0f} s" for k, v in step.times.items())
     print(f"time:      {total:.0f} s in all ({steps})")
     if len(done) < len(frame):
