@@ -138,3 +138,17 @@ def test_asha_stops_a_trial_through_real_ray_tune_and_optuna_records_it_pruned(r
         folds = t.user_attrs["inner_val_accuracies"]  # the last report's per-fold scores, recorded apart
         assert t.value == pytest.approx(sum(folds) / len(folds))
     assert all(t.user_attrs["epochs_trained"] == 3 for t in states["COMPLETE"])
+
+
+def test_tune_dry_run_prices_the_nested_protocol(capsys):
+    """jobs/configs/tune.yaml with --outer-folds all on Oulu-CASIA (1440 images, paper Table I): every study
+    trains 3 inner models, each on 2/3 of the 1296 outer-training faces, for 100 epochs x 50 trials."""
+    from fers_dist.cli import main
+    from fers_dist.cv.plan import PROJECTED_IMAGES_PER_S
+
+    config = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "jobs/configs/tune.yaml")
+    assert main(["tune", "--config", config, "--outer-folds", "all", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    hours = 10 * 50 * 100 * (1440 * 9 / 10 * 2) / PROJECTED_IMAGES_PER_S / 3600
+    assert "10 x 50 trials x 3 inner folds x 100 epochs = 150,000 model-epochs of ~864 images" in out
+    assert f"without pruning: {hours:,.1f} GPU-hours" in out and "then --evaluate-best: 10 fold run(s)" in out

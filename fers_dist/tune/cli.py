@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evaluate-best", action="store_true",
                    help="afterwards run best.yaml through fers cv on the outer folds (tag 'tuned')")
     p.add_argument("--out", help="output folder (default: <cv.storage>/tune-<study>)")
+    p.add_argument("--dry-run", action="store_true", help="print the studies, trials and GPU-hours; start nothing")
+    p.add_argument("--bench", metavar="FILE", help="--dry-run: throughput from `fers bench gpu --out FILE`")
     p.add_argument("--data-root", help="data.root: folder holding <dataset>/faces.parquet")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray; 'local' forces one)")
     p.add_argument("--mlflow", metavar="URI", help="cv.tracking.mlflow: log every trial to this MLflow server "
@@ -85,6 +87,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if args.dry_run:
+        print_cost(cfg, args.bench)
+        return 0
     summary = run_tune(cfg, out=args.out, force=args.force, evaluate_best=args.evaluate_best,
                        address=args.address, source=args.config or "<defaults>")
     for r in summary["studies"]:
@@ -99,6 +104,36 @@ def run(args: argparse.Namespace) -> int:
         _stderr(f"tune: tuned config(s) on outer fold(s) {e['folds']} (tag 'tuned'): {e['finished']}/{e['runs']} "
                 f"runs finished, mean test accuracy {acc}")
     return 0 if summary["counted"] >= cfg.tune.trials else 1
+
+
+ASHA_SAVING = 0.576  # compute ASHA saved at grace 2, reduction 3 (fers bench tune, docs/BENCHMARKS.md)
+
+
+def print_cost(cfg: Config, bench: str | None = None) -> dict:
+    """``fers tune --dry-run``: studies x trials x inner folds x epochs, in GPU-hours, with and without ASHA."""
+    from fers_dist.cv.plan import PROJECTED_IMAGES_PER_S, bench_throughput, dataset_images
+
+    t = cfg.tune
+    ips, source = PROJECTED_IMAGES_PER_S, "projected from counted FLOPs at 35% MFU (pass --bench to measure)"
+    if bench:
+        ips, source = bench_throughput(cfg.with_overrides({"cv.gpus_per_run": 1.0}), bench)
+    n, where = dataset_images(cfg, t.dataset)
+    studies = study_plan(cfg)
+    epochs = trial_epochs(cfg)
+    outer_train = n * (cfg.data.n_folds - 1) / cfg.data.n_folds
+    per_trial_epoch = outer_train * (t.inner_folds - 1)  # k inner models, each on (k-1)/k of the training side
+    hours = len(studies) * t.trials * epochs * per_trial_epoch / ips / 3600
+    mode = (f"nested CV: {len(studies)} studies (one per outer fold)" if t.outer_folds is not None
+            else f"one study on the training subjects of outer fold {t.outer_fold}")
+    print(f"fers tune {t.study}: {mode}; {t.dataset}: {n} images ({where})")
+    print(f"  {len(studies)} x {t.trials} trials x {t.inner_folds} inner folds x {epochs} epochs = "
+          f"{len(studies) * t.trials * t.inner_folds * epochs:,} model-epochs of ~{outer_train * (t.inner_folds - 1) / t.inner_folds:.0f} images")
+    print(f"  throughput: {ips:.0f} training images/s per GPU ({source})")
+    print(f"  without pruning: {hours:,.1f} GPU-hours; with ASHA (grace {t.grace_period}, reduction "
+          f"{t.reduction_factor:g}): ~{hours * (1 - ASHA_SAVING):,.1f} GPU-hours, if it saves the {ASHA_SAVING:.0%} "
+          f"measured by fers bench tune (grace 2, reduction 3, 9 epochs; a longer grace period saves less)")
+    print(f"  then --evaluate-best: {len(studies)} fold run(s) of {cfg.train.epochs} epochs")
+    return {"studies": len(studies), "gpu_hours": hours, "gpu_hours_asha": hours * (1 - ASHA_SAVING)}
 
 
 # -- setup pieces ------------------------------------------------------------------------------
