@@ -287,3 +287,12 @@ def test_provenance_table_and_mixed_versions_warning(tiny_experiment, tmp_path):
     assert table["rows"].astype(int).sum() == 7 and set(table["hostname"]) == {prov["hostname"]}
     warn = [n for n in res["notes"] if n.startswith("WARNING: the CK+ comparison mixes versions")]
     assert warn and "torch_version: 2.0.0" in warn[0] and warn[0] in res["html"].read_text()
+
+
+def test_labels_of_two_rows_one_per_variant():
+    """Two rows (the S3 chain's original + fes_da): labels must not trip pandas' list-of-arrays grouping."""
+    from fers_dist.report.experiment import labels
+
+    frame = pd.DataFrame({"variant": ["original", "fes_da"], "tag": ["paper", "paper"], "config_hash": ["h", "h"],
+                          "config": ["{}", "{}"]})
+    assert labels(frame) == ["original", "fes_da"]

@@ -61,7 +61,7 @@ def test_every_tuning_trial_is_one_mlflow_run(mlflow_server, demo_cfg, tmp_path,
         "identity.backbone": "none", "train.batch_size": 16, "data.root": str(tmp_path / "data"),
         "cv.storage": str(tmp_path / "results"), "cv.tracking.mlflow": mlflow_server, "tune.dataset": "oulu",
         "tune.trials": 2, "tune.epochs": 1, "tune.inner_folds": 2, "tune.pruner": "none",
-        "tune.cpus_per_trial": 0.5, "tune.gpus_per_trial": 0, "tune.study": "tracked-study",
+        "tune.cpus_per_trial": 0.5, "tune.gpus_per_trial": 0, "tune.study": "tracked-study", "tune.outer_folds": None,
         "tune.storage": f"sqlite:///{tmp_path / 'study.db'}"})
     run_tune(cfg, out=str(tmp_path / "out"))
     client = MlflowClient(mlflow_server)

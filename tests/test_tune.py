@@ -53,9 +53,10 @@ def write_faces(root: Path, dataset="oulu", n_subjects=12, size=40, n_folds=4, s
 
 @pytest.fixture
 def tiny_tune(demo_cfg, tmp_path):
-    """demo.yaml-sized, identity none, 1 epoch x 2 inner folds: a trial takes about a second."""
+    """demo.yaml-sized, identity none, 1 epoch x 2 inner folds: a trial takes about a second. One study
+    (demo.yaml's own λ study is nested CV over two outer folds)."""
     write_faces(tmp_path / "data")
-    return demo_cfg.with_overrides({
+    return demo_cfg.with_overrides({"tune.outer_folds": None,
         "identity.backbone": "none", "train.batch_size": 16, "data.root": str(tmp_path / "data"),
         "cv.storage": str(tmp_path / "results"), "tune.dataset": "oulu", "tune.trials": 2, "tune.epochs": 1,
         "tune.inner_folds": 2, "tune.pruner": "none", "tune.cpus_per_trial": 0.5, "tune.gpus_per_trial": 0,

@@ -123,7 +123,8 @@ def labels(frame: pd.DataFrame) -> list[str]:
     """``variant``, plus `` (tag)`` for tags other than "paper", plus `` [hash]`` (or `` [study]``) when one
     variant and tag ran under more than one config group."""
     groups = [config_group(c, h) for c, h in zip(frame["config"], frame["config_hash"])]
-    n_groups = pd.Series(groups).groupby([frame["variant"].values, frame["tag"].values]).nunique()
+    keys = pd.DataFrame({"variant": frame["variant"].to_numpy(), "tag": frame["tag"].to_numpy(), "group": groups})
+    n_groups = keys.groupby(["variant", "tag"])["group"].nunique()
     out = []
     for v, t, g in zip(frame["variant"], frame["tag"], groups):
         label = v + ("" if t == "paper" else f" ({t})")
