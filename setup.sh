@@ -10,7 +10,7 @@ python3 -m venv "$venv"
 pip="$venv/bin/python -m pip"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "setup: NVIDIA GPU found, installing the CUDA build of torch"
-  $pip install "torch>=2.4"
+  $pip install "torch>=2.6"  # 2.6+: torch.multinomial no longer syncs the host on CUDA (a per-step sync)
 else
   echo "setup: no GPU found, installing the CPU build of torch"
   $pip install "torch==2.13.0"

@@ -171,3 +171,18 @@ def test_identity_network_drops_the_unused_classifier_and_runs_nhwc():
     with torch.no_grad():
         assert torch.allclose(fast(x), expected, atol=1e-5)
         assert plain(x).shape == expected.shape
+
+
+def test_packed_memory_cap_names_an_indexed_device(monkeypatch):
+    """torch.cuda.set_per_process_memory_fraction refuses an unindexed torch.device("cuda"), which is what
+    `auto`/`cuda` resolve to: the cap must pass the index (the current device for a bare "cuda")."""
+    from fers_dist.train import speed
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append((f, d)))
+    speed.cap_process_memory("cuda", 0.25)
+    speed.cap_process_memory(torch.device("cuda", 1), 0.5)
+    speed.cap_process_memory("cuda:0", 1.0)  # a whole card: no cap
+    speed.cap_process_memory("cpu", 0.25)
+    assert calls == [(0.25, 3), (0.5, 1)]

@@ -100,6 +100,8 @@ def sync_check(trainer, idx, lam, sums, device) -> str:
         return f"SYNC: {str(e).splitlines()[0][:200]}"
     finally:
         torch.cuda.set_sync_debug_mode(0)
+        if trainer.D is not None:  # a sync raised mid-step must not leave D frozen for the timed steps
+            trainer.D.requires_grad_(True)
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -125,7 +127,9 @@ def bench(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.init()
         if args.memory_fraction:
-            torch.cuda.set_per_process_memory_fraction(args.memory_fraction, device)
+            from fers_dist.train.speed import cap_process_memory
+
+            cap_process_memory(device, args.memory_fraction)
         context = torch.cuda.mem_get_info(device)
     faces = random_faces(n, cfg.data.aligned_size, cfg.model.in_channels, E).to(device)
     identity = identity_for_probe(cfg)
@@ -166,6 +170,8 @@ def bench(args: argparse.Namespace) -> dict:
                    peak_reserved_gb=round(reserved, 2), context_gb=round(context_gb, 2),
                    peak_process_gb=round(reserved + context_gb, 2))
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in out["device"]), None)
+        if peak and "PCIe" in out["device"] and "H100" in out["device"]:
+            peak = 756.0  # H100 PCIe: lower clocks than SXM
         out["mfu"] = round(out["achieved_tflops"] / peak, 4) if peak else None
     else:
         import resource

@@ -73,8 +73,14 @@ def _packed(sc: dict, device: str, n: int, env: dict | None = None) -> dict:
     cmd = _train_cmd(dict(sc, steps=sc["steps"] * 3), device, extra)  # a longer window: the overlap dominates
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(n)]
-    outputs = [p.communicate(timeout=900) for p in procs]
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:  # a hung process must not keep holding the card through the next sections
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     runs = [_result(p.returncode, *o) for p, o in zip(procs, outputs)]
+    late = max(r["timed_from"] for r in runs) - min(r["timed_from"] for r in runs)
     bad = [r["error"] for r in runs if "error" in r]
     if bad:
         return {"processes": n, "error": bad[0]}
@@ -82,7 +88,8 @@ def _packed(sc: dict, device: str, n: int, env: dict | None = None) -> dict:
     images = sum(r["images_per_s"] * (r["timed_to"] - r["timed_from"]) for r in runs)
     return {"processes": n, "total_images_per_s": round(images / window, 2),
             "per_process_images_per_s": [r["images_per_s"] for r in runs],
-            "peak_process_gb": [r.get("peak_process_gb") for r in runs], "window_s": round(window, 2)}
+            "peak_process_gb": [r.get("peak_process_gb") for r in runs], "window_s": round(window, 2),
+            "start_spread_s": round(late, 2)}  # > a few s: a process missed --start-at; the total is then low
 
 
 def _mps(tmp: str) -> dict | None:

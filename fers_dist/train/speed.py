@@ -32,10 +32,13 @@ def configure_backends(cfg: Config, device: torch.device) -> None:
 
 
 def set_alloc_conf(cfg: Config) -> None:
-    """``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` for this process unless the user set one. It only
-    takes effect if CUDA's allocator has not started yet, so it is called before the first CUDA tensor."""
+    """``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` for this process unless the user set one. The
+    allocator reads the variable once, when CUDA starts; where CUDA has already started (a Ray Train worker:
+    Ray calls ``torch.cuda.set_device`` before the train function), the setting is applied at run time."""
     if cfg.train.expandable_segments and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.memory._set_allocator_settings(ALLOC_CONF)
 
 
 def adam(params, lr: float, cfg: Config) -> torch.optim.Adam:
@@ -90,4 +93,9 @@ def cap_process_memory(device: str | torch.device, share: float) -> None:
     that outgrows its share then fails alone with an OOM, instead of starving the runs beside it."""
     device = torch.device(device)
     if device.type == "cuda" and 0 < share < 1:
-        torch.cuda.set_per_process_memory_fraction(share, device)
+        torch.cuda.set_per_process_memory_fraction(share, cuda_index(device))
+
+
+def cuda_index(device: torch.device) -> int:
+    """The index of a CUDA device ("cuda" alone means the current one): memory APIs refuse an unindexed one."""
+    return device.index if device.index is not None else torch.cuda.current_device()

@@ -245,15 +245,16 @@ class Trainer:
         for sch in (self.sched_g, self.sched_d):
             if sch is not None:
                 sch.step()
-        return self._epoch_metrics(epoch, lr, lam, sums, n_steps * bs, n_steps, time.perf_counter() - t0)
+        return self._epoch_metrics(epoch, lr, lam, sums, n_steps * bs, n_steps, t0)
 
-    def _epoch_metrics(self, epoch, lr, lam, sums, n_images, n_steps, seconds) -> dict:
+    def _epoch_metrics(self, epoch, lr, lam, sums, n_images, n_steps, t0) -> dict:
         keys = [k for k in sums if k != "correct"] + ["correct"]
         values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=self.device) for k in keys])
         if self.world > 1:  # losses: mean over ranks; correct: summed over the global batch
             dist.all_reduce(values)
             values[:-1] /= self.world
-        *values, correct = values.tolist()
+        *values, correct = values.tolist()  # the epoch's one host sync: its queued device work counts below
+        seconds = time.perf_counter() - t0
         keys = keys[:-1]
         m = {"epoch": epoch, "lr": lr, "lam_idt": lam["idt"],
              "train_accuracy": correct / n_images, "epoch_s": seconds,
