@@ -56,12 +56,17 @@ def scale(args: argparse.Namespace, device_type: str) -> tuple[dict, str]:
     return chosen, name
 
 
+def aligned_size(input_size: int) -> int:
+    """The aligned face a random ``input_size`` crop is cut from, in the paper's proportion (96 of 110)."""
+    return input_size + input_size // 6 + 2
+
+
 def bench_config(args: argparse.Namespace, sc: dict, device):
     from fers_dist.config import Config
 
     size = sc["input_size"]
     return Config().with_overrides({
-        "model.width": sc["width"], "model.input_size": size, "data.aligned_size": size + size // 6 + 2,
+        "model.width": sc["width"], "model.input_size": size, "data.aligned_size": aligned_size(size),
         "train.batch_size": sc["batch"], "train.compile": args.compile, "train.amp": not args.no_amp,
         "train.channels_last": not args.no_channels_last, "identity.backbone": args.identity,
         "train.fused_adam": not args.no_fused_adam,

@@ -80,10 +80,10 @@ def _packed(sc: dict, device: str, n: int, env: dict | None = None) -> dict:
             if p.poll() is None:
                 p.kill()
     runs = [_result(p.returncode, *o) for p, o in zip(procs, outputs)]
-    late = max(r["timed_from"] for r in runs) - min(r["timed_from"] for r in runs)
     bad = [r["error"] for r in runs if "error" in r]
     if bad:
         return {"processes": n, "error": bad[0]}
+    late = max(r["timed_from"] for r in runs) - min(r["timed_from"] for r in runs)
     window = max(r["timed_to"] for r in runs) - min(r["timed_from"] for r in runs)
     images = sum(r["images_per_s"] * (r["timed_to"] - r["timed_from"]) for r in runs)
     return {"processes": n, "total_images_per_s": round(images / window, 2),
@@ -115,17 +115,18 @@ def _fold(sc: dict, device: str) -> dict:
 
     from fers_dist.config import Config
     from fers_dist.model.lightcnn import LightCNN9
+    from fers_dist.train.bench import aligned_size
     from fers_dist.train.fold import fit_fold
     from fers_dist.train.memory import random_faces
 
-    n = sc["images"]
-    faces = random_faces(n, sc["input_size"] + sc["input_size"] // 6 + 2, 1, 7, n_subjects=sc["subjects"])
+    n, aligned = sc["images"], aligned_size(sc["input_size"])
+    faces = random_faces(n, aligned, 1, 7, n_subjects=sc["subjects"])
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "lightcnn9.pth"
         torch.save(LightCNN9(num_classes=10).state_dict(), ckpt)  # random weights, the official shapes
         cfg = Config().with_overrides({
             "model.width": sc["width"], "model.input_size": sc["input_size"],
-            "data.aligned_size": sc["input_size"] + sc["input_size"] // 6 + 2, "train.batch_size": sc["batch"],
+            "data.aligned_size": aligned, "train.batch_size": sc["batch"],
             "train.epochs": sc["fold_epochs"], "identity.backbone": "lightcnn9", "identity.checkpoint": str(ckpt),
             "train.log_every": 10**9})
         result = fit_fold(cfg, faces, 0, device=device, log=lambda m: None)
