@@ -38,6 +38,15 @@ def run_hours(cfg: Config, dataset: str, variant: str, images_per_s: float) -> f
     return seen / images_per_s / 3600
 
 
+def run_memory(cfg: Config, datasets: list[str], batch: int, models: int = 1):
+    """The estimated CUDA memory of one run process (``train/memory.py``) on the largest of ``datasets``."""
+    from fers_dist.train.memory import estimate_memory
+
+    n_images = max(dataset_images(cfg, d)[0] for d in datasets)
+    return estimate_memory(cfg, n_images, max(num_classes(d) for d in datasets), "cuda", batch_size=batch,
+                           models=models)
+
+
 def bench_throughput(cfg: Config, path: str) -> tuple[float, str]:
     """Training images/s per GPU from a ``fers bench gpu --out`` JSON, for this config."""
     try:
@@ -88,12 +97,8 @@ def print_plan(cfg: Config, runs: list, images_per_s: float | None = None, gpus:
         out[f"wall_h_{n_gpus}"] = wall
     print(f"paper's sequential cost: ~5 h per model on a GTX 1080 Ti -> ~{len(runs) * 5} GPU-hours")
     if cfg.cv.gpus_per_run > 0 and runs:
-        from fers_dist.train.memory import estimate_memory
-
-        n = max(dataset_images(cfg, r.dataset)[0] for r in runs)
         w = max(1, cfg.cv.workers_per_run)
-        est = estimate_memory(cfg, n, max(num_classes(r.dataset) for r in runs), "cuda",
-                              batch_size=cfg.train.batch_size // w)
+        est = run_memory(cfg, list(dict.fromkeys(r.dataset for r in runs)), cfg.train.batch_size // w)
         share = f"{cfg.cv.gpus_per_run / w:g} GPU" + (f" = {cfg.cv.gpus_per_run / w * cfg.cv.gpu_memory_gb:.0f} GB"
                                                         if cfg.cv.gpu_memory_gb else "")
         print(f"memory per run process: {est.line()}, estimated; its share: {share}")

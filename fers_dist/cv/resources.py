@@ -174,7 +174,7 @@ def gpu_memory_gb(cv: CVConfig, nodes: list[dict]) -> tuple[float | None, str]:
 
 def max_batch(cfg) -> int:
     """The largest batch a run (or a tuning trial: the search space's ``train.batch_size``) can use."""
-    p = cfg.tune.space.get("train.batch_size") if hasattr(cfg, "tune") else None
+    p = cfg.tune.space.get("train.batch_size")
     if p is None:
         return cfg.train.batch_size
     return int(max(p.choices) if p.type == "categorical" else p.high)
@@ -191,14 +191,10 @@ def check_gpu_memory(cfg, nodes: list[dict], share: float, batch: int, key: str,
     if memory is None:
         log(f"fers: GPU memory check skipped: {source} has no known memory size; set cv.gpu_memory_gb")
         return
-    from fers_dist.config import num_classes
-    from fers_dist.cv.plan import dataset_images
-    from fers_dist.train.memory import estimate_memory
+    from fers_dist.cv.plan import run_memory
 
-    datasets = [cfg.tune.dataset] if tuning else cfg.cv.datasets
-    n_images = max(dataset_images(cfg, d)[0] for d in datasets)
-    est = estimate_memory(cfg, n_images, max(num_classes(d) for d in datasets), "cuda", batch_size=batch,
-                          models=cfg.tune.inner_folds if tuning else 1)
+    est = run_memory(cfg, [cfg.tune.dataset] if tuning else cfg.cv.datasets, batch,
+                     models=cfg.tune.inner_folds if tuning else 1)
     limit = min(1.0, share) * memory
     if est.total_gb > limit:
         raise FersError(f"{key}={share:g} GPU of {memory:g} GB ({source}) gives a run {limit:.1f} GB, but one run "

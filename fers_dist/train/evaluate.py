@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fers_dist.data.loader import FaceSet, center_crop
-from fers_dist.train.speed import autocast
+from fers_dist.train.speed import autocast, batch_norms
 
 GATE_NAMES = ("fer_r", "fer_z", "fes_r", "fes_z")  # r: leaky gate (eq. 1), z: memory gate (eq. 3)
 GATE_MAP_SIZE = 12  # gate maps are stored pooled to at most 12x12 per position
@@ -75,8 +75,7 @@ def recompute_bn_stats(model: torch.nn.Module, faces: FaceSet, crop: int, batch_
     After a few epochs the running averages (momentum 0.1) still hold much of their initial values, and
     an eval-mode model then predicts one class for every face: a short run (a tuning trial's early epochs,
     which ASHA judges) would score chance whatever it learned. Pass TRAINING faces only."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats]
+    norms = batch_norms(model)
     momenta = [m.momentum for m in norms]
     was_training = model.training
     for m in norms:

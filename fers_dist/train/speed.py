@@ -66,6 +66,12 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+def batch_norms(module: torch.nn.Module) -> list:
+    """The BatchNorm layers of ``module`` that keep running statistics."""
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats]
+
+
 @contextlib.contextmanager
 def running_stats_frozen(module: torch.nn.Module):
     """BatchNorm still normalises with the batch's statistics (so gradients are unchanged) but the
@@ -75,8 +81,7 @@ def running_stats_frozen(module: torch.nn.Module):
     exit, never written to (autograd may have saved them). Swapping buffers, rather than setting
     ``momentum = 0``, keeps torch.compile on one graph: a changed module attribute fails its guards."""
     names = ("running_mean", "running_var", "num_batches_tracked")
-    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-             and m.running_mean is not None]
+    norms = batch_norms(module)
     originals = [{n: m._buffers[n] for n in names} for m in norms]
     for m, bufs in zip(norms, originals):
         for n, b in bufs.items():

@@ -7,8 +7,9 @@ losses are accumulated as tensors and read back once per ``log_every`` steps and
 Data parallel (``cv.workers_per_run > 1``: Ray Train starts the workers and the torch.distributed group):
 every rank draws the same global batch, augmentation and targets from the same seeded generator, trains
 on its own slice ``[rank::world]``, and averages gradients in buckets all-reduced while backward still runs
-(``grad_sync.GradBuckets``), so the ranks' weights never drift apart. BatchNorm statistics are per rank and synced from rank 0 once per
-epoch; rank 0 alone writes checkpoints. Outside torch.distributed (or with one worker) nothing changes.
+(``grad_sync.GradBuckets``), so the ranks' weights never drift apart. BatchNorm statistics are per rank and
+synced from rank 0 once per epoch; rank 0 alone writes checkpoints. Outside torch.distributed (or with one
+worker) nothing changes.
 """
 
 from __future__ import annotations
