@@ -72,7 +72,9 @@ def multinode(s3):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
                                                             "include_dashboard": False})
     try:
-        workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+        # logical GPUs that say what card they are, as Ray's GPU nodes do (the planner reads its memory from it)
+        workers = [cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:H100": 1})
+                   for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
         nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fers_dist.cv.cli import run_cv
+from fers_dist.errors import FersError
 from fers_dist.model.lightcnn import LightCNN9
 from fers_dist.results import run_key
 from fers_dist.storage import exists, list_files
@@ -92,3 +93,22 @@ def test_s3_storage_end_to_end_prepare_cv_report_fes_eval(multinode, s3, tiny_cf
     fes = pq.read_table(path, filesystem=fs).to_pandas()
     assert sorted(fes["variant"]) == ["fes_da", "original"]
     assert len(pd.unique(fes["fold"])) == 1
+
+
+def test_planner_reads_the_card_from_the_nodes_and_refuses_a_share_too_small(multinode, tiny_cfg, prepared_data,
+                                                                               tmp_path):
+    """The worker nodes advertise `accelerator_type:H100`: `fers cv` sizes the GPU share from the nodes Ray
+    reports (80 GB), and refuses, before any run starts, runs estimated larger than 0.5 of it (the paper's
+    model at batch 128, ~49 GB); the tiny model at the same share is accepted and trains."""
+    paper = {"model.width": 256, "model.input_size": 96, "data.aligned_size": 110, "train.batch_size": 128}
+    cfg = tiny_cfg.with_overrides({
+        "data.root": str(prepared_data), "cv.storage": str(tmp_path / "results"), "cv.experiment": "sized",
+        "cv.datasets": ["ckplus"], "cv.variants": ["original"], "cv.folds": [0], "cv.workers_per_run": 0,
+        "cv.gpus_per_run": 0.5, "cv.cpus_per_run": 0.5, "cv.max_failures": 0, "cv.shared_filesystem": True,
+        "train.device": "auto", "train.epochs": 1})
+    with pytest.raises(FersError, match=r"^cv.gpus_per_run=0.5 GPU of 80 GB \(accelerator type H100\) gives a run "
+                                        r"40.0 GB, but one run needs an estimated ~4\d\.\d GB"):
+        run_cv(cfg.with_overrides(paper))
+    assert not (tmp_path / "results" / "sized" / "folds.parquet").exists()
+    frame = run_cv(cfg)  # `auto` trains on the CPU here (FERS_DEVICE=cpu), on the GPU Ray assigned elsewhere
+    assert (frame["status"] == "finished").all() and set(frame["node_id"]) <= multinode.worker_ids
