@@ -62,6 +62,9 @@ class LossConfig(_Section):
     lam_idt_start: float = Field(0.1, ge=0, description="λ4 at the first epoch")
     lam_idt_end: float = Field(0.5, ge=0, description="λ4 at the last epoch")
     gan: Literal["bce", "lsgan"] = "bce"
+    real_pair: Literal["target", "source"] = Field(
+        "target", description="the discriminator's real pair: (I^t, z^t) as eq. 6 writes it, or (I, z), the "
+                              "source face and its own label")
 
 
 class IdentityConfig(_Section):
@@ -279,36 +282,6 @@ class Config(_Section):
         keep["model"].pop("variant")
         blob = json.dumps(keep, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def resolve_paths(cfg: Config, base: str | os.PathLike | None = None) -> Config:
-    """Every path field made absolute against ``base`` (the driver's working directory) and checked,
-    before any Ray worker or trial starts: those ``chdir`` into their own run folders, where a relative
-    path points nowhere. URIs are kept as they are. A missing ``identity.checkpoint`` is a one-line error
-    naming the field; ``data.root`` is checked per dataset by the commands (with the ``fers prepare`` line
-    to run), and ``cv.storage`` is created."""
-    from fers_dist.storage import is_uri
-
-    base = Path(base or os.getcwd())
-    fields = {"data.root": cfg.data.root, "cv.storage": cfg.cv.storage}
-    if cfg.identity.backbone == "lightcnn9" and cfg.identity.checkpoint:
-        fields["identity.checkpoint"] = cfg.identity.checkpoint
-    out = {}
-    uri = cfg.cv.tracking.mlflow
-    if uri:  # a local MLflow store (sqlite file, file: folder, plain path): one for every run, not one per folder
-        scheme = next((s for s in ("sqlite:///", "file://") if uri.startswith(s)), "" if "://" not in uri else None)
-        rest = uri[len(scheme):] if scheme is not None else "/"
-        if not rest.startswith("/"):
-            out["cv.tracking.mlflow"] = scheme + str((base / rest).resolve())
-    for key, value in fields.items():
-        if is_uri(value):
-            continue
-        path = (base / Path(value.removeprefix("file://")).expanduser()).resolve()
-        if key == "identity.checkpoint" and not path.is_file():
-            raise ConfigError(f"{key}: {value!r} not found (resolved on the driver to {path})")
-        if str(path) != value:
-            out[key] = str(path)
-    return cfg.with_overrides(out) if out else cfg
 
 
 def parse_sets(pairs: list[str] | None) -> dict[str, Any]:

@@ -89,7 +89,7 @@ def test_hash_ignores_storage_but_not_lambdas():
 def test_every_path_field_is_resolved_on_the_driver(tmp_path):
     """Ray trials and workers chdir into their run folders: relative paths are made absolute against the
     driver's working directory before anything starts, URIs stay, a missing checkpoint names its field."""
-    from fers_dist.config import resolve_paths
+    from fers_dist.paths import resolve_paths
 
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "lcnn.pth").write_bytes(b"x")

@@ -14,8 +14,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from fers_dist.config import DATASETS, VARIANTS, Config, add_set_argument, load_config, resolve_paths
+from fers_dist.config import DATASETS, VARIANTS, Config, add_set_argument, load_config
 from fers_dist.errors import FersError
+from fers_dist.paths import resolve_paths
 
 
 @dataclass(frozen=True)

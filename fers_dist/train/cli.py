@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from fers_dist.config import DATASETS, VARIANTS, add_set_argument, load_config, resolve_paths
+from fers_dist.config import DATASETS, VARIANTS, add_set_argument, load_config
+from fers_dist.paths import resolve_paths
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -123,9 +123,10 @@ class Trainer:
         fake = out.image
         terms = {"cls": cls_loss(out.logits.float(), y)}  # eq. 5
         if self.D is not None:
+            real, z_real = (x_t, onehot_t) if cfg.loss.real_pair == "target" else (x, onehot)  # eq. 6: (I^t, z^t)
             for _ in range(cfg.train.d_steps):
                 with autocast(self.device, self.amp):
-                    d_loss = 0.5 * (gan_loss(self.D(x, onehot).float(), True, cfg.loss.gan)
+                    d_loss = 0.5 * (gan_loss(self.D(real, z_real).float(), True, cfg.loss.gan)
                                     + gan_loss(self.D(fake.detach(), onehot_t).float(), False, cfg.loss.gan))
                 self._update(self.opt_d, d_loss)
             sums["d_loss"] = sums.get("d_loss", 0) + d_loss.detach()

@@ -27,8 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from fers_dist.config import Config, add_set_argument, load_config, resolve_paths
+from fers_dist.config import Config, add_set_argument, load_config
 from fers_dist.errors import DataError, FersError
+from fers_dist.paths import resolve_paths
 
 SAMPLERS = ("tpe", "random", "cmaes", "nsgaii")
 
