@@ -42,6 +42,9 @@ class ModelConfig(_Section):
     in_channels: Literal[1, 3] = 1
     cls_hidden: int = Field(512, ge=8, description="hidden units of the 2-layer f_cls")
     share_convflu: bool = Field(False, description="reuse one ConvFLU pair at every position")
+    capacity_match: Literal["depth", "width"] = Field(
+        "depth", description="how no_mtl and no_convflu reach FERSNet's parameter count: depth (the paper: 5x5 "
+                             "kernels and more convs per block) or width (wider layers)")
     disc_width: int = Field(64, ge=4, description="PatchGAN base filters")
     disc_layers: int = Field(3, ge=1, le=5)
 

@@ -38,7 +38,8 @@ def result_row(result, *, experiment: str, tag: str = "paper", checkpoint_uri: s
                config: dict | None = None, status: str = "finished", error: str = "") -> dict:
     """A folds.parquet row from a :class:`fers_dist.train.fold.FoldResult` (or its dict)."""
     d = result if isinstance(result, dict) else result.to_dict()
-    row = {k: v for k, v in d.items() if k not in JSON_COLUMNS}
+    row = {k: v for k, v in d.items() if k not in JSON_COLUMNS and k != "architecture"}
+    row.update({f"arch_{k}" if "params" not in k else k: v for k, v in d.get("architecture", {}).items()})
     row.update({k: json.dumps(d.get(k, {})) for k in JSON_COLUMNS if k != "config"})
     row.update(experiment=experiment, tag=tag, run_name=run_name(d["dataset"], d["variant"], d["fold"], tag, d.get("seed", 0)),
                checkpoint_uri=checkpoint_uri, status=status, error=error,

@@ -28,9 +28,11 @@ def test_fes_eval_cli_end_to_end_then_in_the_report(tiny_experiment, tmp_path): 
     faces = tiny_experiment["faces"]
     n_test, E = int((faces.folds == 0).sum()), faces.num_classes
     for variant, r in res.iterrows():
-        assert r["n_source_images"] == n_test and r["n_synth_images"] == n_test * E
+        assert r["n_source_images"] == n_test and r["n_synth_images"] == n_test * (E - 1)  # no contempt target
         conf = np.array([np.asarray(row) for row in r["confusion"]])
-        assert conf.sum() == n_test * E and (conf.sum(1) == n_test).all()  # every target, every test face
+        contempt = list(faces.class_names).index("contempt")
+        assert conf.sum() == n_test * (E - 1) and conf[contempt].sum() == 0
+        assert (np.delete(conf, contempt, 0).sum(1) == n_test).all()  # every basic target, every test face
         assert r["accuracy"] == pytest.approx(np.trace(conf) / conf.sum())
         assert 0 <= r["recogniser_real_accuracy"] <= 1
         assert r["identity_method"] in ("dlib", "subject_encoder") and r["identity_pairs"] > 0
@@ -70,6 +72,15 @@ def test_recogniser_sees_only_the_real_training_faces_of_the_fold(tiny_experimen
     assert r["identity_method"] == "subject_encoder"  # identity.backbone=none: LightCNN-9 on train subjects
     assert r["identity_pairs"] == 6 * faces.num_classes
     assert again["accuracy"] == r["accuracy"] and again["identity_cosine"] == pytest.approx(r["identity_cosine"])
+    n_test = int((faces.folds == 1).sum())  # Table V's six basic emotions: CK+'s contempt is not a target
+    assert r["targets"] == "basic6" and "contempt" not in r["target_names"] and len(r["target_names"]) == 6
+    assert r["n_synth_images"] == 6 * n_test and np.isnan(r["per_class_accuracy"][faces.class_names.index("contempt")])
+    every = fes_core.fes_eval_fold(cfg, faces, 1, ckpt, recogniser_epochs=1, identity="lightcnn", identity_faces=6,
+                                   device="cpu", cache=cache, targets="all", log=lambda m: None)
+    assert every["n_synth_images"] == 7 * n_test and every["target_names"] == list(faces.class_names)
+    with pytest.raises(ValueError, match="unknown target set 'seven'"):
+        fes_core.fes_eval_fold(cfg, faces, 1, ckpt, recogniser_epochs=1, identity="lightcnn", device="cpu",
+                               cache=cache, targets="seven", log=lambda m: None)
 
 
 def test_dlib_identity_scores_own_faces_above_other_subjects(tiny_experiment):  # noqa: F811

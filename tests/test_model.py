@@ -10,7 +10,17 @@ import torch.nn.functional as F
 from fers_dist.config import VARIANTS, ConfigError, ModelConfig
 from fers_dist.model.convflu import ConvFLU
 from fers_dist.model.discriminator import PatchDiscriminator, patch_size
-from fers_dist.model.fersnet import FERNet, FERSNet, SharedTrunkNet, build_model, count_params, enlarged_width
+from fers_dist.model.fersnet import (
+    Capacity,
+    FERNet,
+    FERSNet,
+    SharedTrunkNet,
+    architecture,
+    build_model,
+    capacity,
+    count_params,
+    enlarged_width,
+)
 from fers_dist.model.lightcnn import LightCNN9, to_lightcnn_input
 from fers_dist.model.losses import cls_loss, cyc_loss, gan_loss, idt_loss, rec_loss
 
@@ -138,15 +148,47 @@ def test_wrong_target_shape_is_a_clear_error():
 # -- capacity of the ablations ------------------------------------------------------------------
 @pytest.mark.parametrize("width, size", [(8, 32), (16, 32), (16, 48), (256, 96)])
 @pytest.mark.parametrize("variant", ["no_mtl", "no_convflu"])
-def test_reduced_variants_have_at_least_the_original_capacity(variant, width, size):
-    cfg = ModelConfig(width=width, input_size=size, variant=variant)
+def test_width_matched_variants_have_at_least_the_original_capacity(variant, width, size):
+    cfg = ModelConfig(width=width, input_size=size, variant=variant, capacity_match="width")
     with torch.device("meta"):
         original = count_params(FERSNet(cfg, 7))
         reduced = build_model(cfg, 7)
         assert count_params(reduced) >= original
         cls = FERNet if variant == "no_mtl" else SharedTrunkNet
-        assert count_params(cls(cfg, 7, reduced.width - 1)) < original  # the smallest such width
+        assert count_params(cls(cfg, 7, Capacity(reduced.width - 1))) < original  # the smallest such width
     assert reduced.width == enlarged_width(cfg, 7) > width
+
+
+@pytest.mark.parametrize("width, size", [(8, 32), (16, 32), (16, 48), (256, 96)])
+@pytest.mark.parametrize("variant", ["no_mtl", "no_convflu"])
+def test_depth_matched_variants_grow_kernel_and_depth_not_width(variant, width, size):
+    """The paper's default: 5x5 kernels and the fewest convs per block that reach FERSNet's count."""
+    cfg = ModelConfig(width=width, input_size=size, variant=variant)
+    assert cfg.capacity_match == "depth"
+    with torch.device("meta"):
+        original = count_params(FERSNet(cfg, 7))
+        reduced = build_model(cfg, 7)
+        cap = reduced.capacity
+        assert cap == capacity(cfg, 7) and cap.width == width and cap.kernel == 5 and cap.convs >= 2
+        assert count_params(reduced) >= original
+        cls = FERNet if variant == "no_mtl" else SharedTrunkNet
+        if cap.convs > 2:  # one conv fewer per block falls short
+            assert count_params(cls(cfg, 7, cap._replace(convs=cap.convs - 1))) < original
+        kernels = {m.kernel_size for m in reduced.modules() if isinstance(m, torch.nn.Conv2d)
+                   and m in set((reduced.fer_blocks if variant == "no_mtl" else reduced.trunk).modules())}
+        assert kernels == {(5, 5)}
+    arch = architecture(cfg, 7)
+    assert arch["params"] == count_params(build_model(cfg, 7)) >= arch["fersnet_params"] == original
+    assert (arch["convs_per_block"], arch["kernel"], arch["capacity_match"]) == (cap.convs, 5, "depth")
+
+
+def test_depth_matched_variants_train_forward_and_backward():
+    cfg = small_cfg().model_copy(update={"variant": "no_convflu"})
+    model = build_model(cfg, 7)
+    image, _, target = batch()
+    out = model(image, target)
+    (out.logits.sum() + out.image.mean()).backward()
+    assert out.image.shape == image.shape and all(p.grad is not None for p in model.parameters())
 
 
 # -- discriminator ------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ _EXPORTS = {
     "conv_block": "fersnet",
     "count_params": "fersnet",
     "enlarged_width": "fersnet",
+    "capacity": "fersnet",
+    "architecture": "fersnet",
     "PatchDiscriminator": "discriminator",
     "LightCNN9": "lightcnn",
     "load_lightcnn9": "lightcnn",

@@ -24,17 +24,18 @@ N_BLOCKS = 4  # encoder blocks per branch, each halving H and W
 
 
 # -- building blocks ----------------------------------------------------------------------------
-def conv_block(cin: int, cout: int) -> nn.Sequential:
-    """2 x [conv 3x3, stride 1, pad 1 -> BatchNorm -> ReLU]."""
+def conv_block(cin: int, cout: int, convs: int = 2, kernel: int = 3) -> nn.Sequential:
+    """``convs`` x [conv kernel x kernel, stride 1, same padding -> BatchNorm -> ReLU] (FERSNet: 2 x 3x3)."""
     layers: list[nn.Module] = []
-    for c in (cin, cout):
-        layers += [nn.Conv2d(c, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    for i in range(convs):
+        layers += [nn.Conv2d(cin if i == 0 else cout, cout, kernel, 1, kernel // 2, bias=False),
+                   nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
-def encoder_block(cin: int, cout: int) -> nn.Sequential:
+def encoder_block(cin: int, cout: int, convs: int = 2, kernel: int = 3) -> nn.Sequential:
     """FER block and FES encoder block: conv_block followed by maxpool 2x2 stride 2."""
-    return nn.Sequential(conv_block(cin, cout), nn.MaxPool2d(2, 2))
+    return nn.Sequential(conv_block(cin, cout, convs, kernel), nn.MaxPool2d(2, 2))
 
 
 def decoder_block(cin: int, cout: int) -> nn.Sequential:
@@ -42,8 +43,8 @@ def decoder_block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, 2), conv_block(cout, cout))
 
 
-def encoder(cin: int, width: int) -> nn.ModuleList:
-    return nn.ModuleList(encoder_block(cin if i == 0 else width, width) for i in range(N_BLOCKS))
+def encoder(cin: int, width: int, convs: int = 2, kernel: int = 3) -> nn.ModuleList:
+    return nn.ModuleList(encoder_block(cin if i == 0 else width, width, convs, kernel) for i in range(N_BLOCKS))
 
 
 def bottleneck_size(cfg: ModelConfig) -> int:
@@ -155,15 +156,24 @@ class FERSNet(nn.Module):
 
 
 # -- ablations (Table VI) -----------------------------------------------------------------------
+class Capacity(NamedTuple):
+    """A reduced variant's enlarged encoder: filters, convs per block, kernel size (FERSNet: w, 2, 3)."""
+
+    width: int
+    convs: int = 2
+    kernel: int = 3
+
+
 class FERNet(nn.Module):
-    """``no_mtl``: the FER branch and f_cls alone, at an enlarged width (no FES, no ConvFLU)."""
+    """``no_mtl``: the FER branch and f_cls alone, enlarged (no FES, no ConvFLU)."""
 
     has_fes = False
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, width: int):
+    def __init__(self, cfg: ModelConfig, num_classes: int, cap: Capacity):
         super().__init__()
-        self.width, self.num_classes = width, num_classes
-        self.fer_blocks = encoder(cfg.in_channels, width)
+        self.width, self.num_classes, self.capacity = cap.width, num_classes, cap
+        width = cap.width
+        self.fer_blocks = encoder(cfg.in_channels, width, cap.convs, cap.kernel)
         self.f_cls = Classifier(width, bottleneck_size(cfg), cfg.cls_hidden, num_classes)
 
     def forward(self, image: Tensor, target_onehot: Tensor | None = None) -> FERSOutput:
@@ -175,15 +185,15 @@ class FERNet(nn.Module):
 
 class SharedTrunkNet(nn.Module):
     """``no_convflu``: hard parameter sharing, one trunk of 4 blocks feeding f_cls and f_tra + f_dec,
-    at an enlarged width."""
+    its trunk enlarged."""
 
     has_fes = True
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, width: int):
+    def __init__(self, cfg: ModelConfig, num_classes: int, cap: Capacity):
         super().__init__()
-        size = bottleneck_size(cfg)
-        self.width, self.num_classes = width, num_classes
-        self.trunk = encoder(cfg.in_channels, width)
+        size, width = bottleneck_size(cfg), cap.width
+        self.width, self.num_classes, self.capacity = width, num_classes, cap
+        self.trunk = encoder(cfg.in_channels, width, cap.convs, cap.kernel)
         self.f_cls = Classifier(width, size, cfg.cls_hidden, num_classes)
         self.f_tra = TargetTransform(num_classes, width, size)
         self.f_dec = Decoder(2 * width, width, cfg.in_channels)
@@ -228,17 +238,43 @@ def smallest_width(params_at: Callable[[int], int], target: int, start: int) -> 
 _REDUCED: dict[str, type[nn.Module]] = {"no_mtl": FERNet, "no_convflu": SharedTrunkNet}
 
 
+DEPTH_KERNEL = 5  # capacity_match=depth: the paper enlarges "kernel size and network depth"
+
+
 @functools.lru_cache(maxsize=64)
-def _enlarged_width_cached(variant: str, cfg_json: str, num_classes: int) -> int:
+def _capacity_cached(variant: str, cfg_json: str, num_classes: int) -> Capacity:
     cfg = ModelConfig.model_validate_json(cfg_json)
     target = _meta_params(lambda: FERSNet(cfg, num_classes))
     cls = _REDUCED[variant]
-    return smallest_width(lambda w: _meta_params(lambda: cls(cfg, num_classes, w)), target, cfg.width)
+    if cfg.capacity_match == "width":
+        return Capacity(smallest_width(lambda w: _meta_params(lambda: cls(cfg, num_classes, Capacity(w))),
+                                       target, cfg.width))
+    cap = Capacity(cfg.width, 2, DEPTH_KERNEL)  # depth: 5x5 kernels, then one more conv per block until
+    while _meta_params(functools.partial(cls, cfg, num_classes, cap)) < target:  # FERSNet's count is reached
+        cap = cap._replace(convs=cap.convs + 1)
+    return cap
+
+
+def capacity(cfg: ModelConfig, num_classes: int, variant: str | None = None) -> Capacity:
+    """The enlarged encoder at which a reduced variant has at least as many parameters as FERSNet
+    (``model.capacity_match``: ``depth`` as the paper did, or ``width``)."""
+    return _capacity_cached(variant or cfg.variant, cfg.model_dump_json(), num_classes)
 
 
 def enlarged_width(cfg: ModelConfig, num_classes: int, variant: str | None = None) -> int:
-    """Width at which a reduced variant has at least as many parameters as FERSNet at ``cfg.width``."""
-    return _enlarged_width_cached(variant or cfg.variant, cfg.model_dump_json(), num_classes)
+    """The reduced variant's width (``cfg.width`` itself under ``capacity_match=depth``)."""
+    return capacity(cfg, num_classes, variant).width
+
+
+def architecture(cfg: ModelConfig, num_classes: int) -> dict:
+    """What ``build_model`` builds, for every result row: the encoder shape and the parameter counts."""
+    fersnet = _meta_params(lambda: FERSNet(cfg, num_classes))
+    if cfg.variant not in _REDUCED:
+        return {"width": cfg.width, "convs_per_block": 2, "kernel": 3, "params": fersnet, "fersnet_params": fersnet}
+    cap = capacity(cfg, num_classes)
+    params = _meta_params(lambda: _REDUCED[cfg.variant](cfg, num_classes, cap))
+    return {"capacity_match": cfg.capacity_match, "width": cap.width, "convs_per_block": cap.convs,
+            "kernel": cap.kernel, "params": params, "fersnet_params": fersnet}
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -246,5 +282,5 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     if cfg.variant in ("original", "fes_da"):
         return FERSNet(cfg, num_classes)
     if cfg.variant in _REDUCED:
-        return _REDUCED[cfg.variant](cfg, num_classes, enlarged_width(cfg, num_classes))
+        return _REDUCED[cfg.variant](cfg, num_classes, capacity(cfg, num_classes))
     raise ValueError(f"model.variant: unknown variant {cfg.variant!r}")

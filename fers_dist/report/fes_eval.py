@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from fers_dist.errors import FersError
+from fers_dist.train.fes_eval import TARGET_SETS
 
 KEY = ["dataset", "variant", "fold", "config_hash", "tag"]
 
@@ -67,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="identity embedding: dlib where installed and it finds the face, else LightCNN-9")
     p.add_argument("--identity-faces", type=int, help="test faces per fold used for identity (default: all)")
     p.add_argument("--device", help="auto, cpu, cuda (default: train.device of the run config)")
+    p.add_argument("--targets", choices=TARGET_SETS, default="basic6",
+                   help="target expressions synthesised for every test face: basic6, the six basic emotions as "
+                        "the paper scores Table V (CK+ leaves contempt out), or all classes")
 
 
 def select_rows(frame, datasets=None, folds=None, variants=("original", "fes_da")):
@@ -107,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         res = fes_eval_fold(cfg, faces[(row["dataset"], root)], int(row["fold"]), ckpt, recogniser_epochs=epochs,
                             recogniser_checkpoint=rec_ckpt, identity=args.identity,
                             identity_faces=args.identity_faces, device=args.device,
-                            cache=caches.setdefault(key, {}))
+                            cache=caches.setdefault(key, {}), targets=args.targets)
         res.update(variant=row["variant"], config_hash=row["config_hash"], tag=row["tag"], checkpoint=str(ckpt),
                    finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_results(exp_dir, [res])

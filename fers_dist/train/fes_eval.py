@@ -13,6 +13,18 @@ import time
 from pathlib import Path
 
 RECOGNISER_SEED_OFFSET = 7919  # the recogniser's RNG stream differs from the fold run's
+BASIC_SIX = ("anger", "disgust", "fear", "happy", "sadness", "surprise")  # Table V's targets (CK+: no contempt)
+TARGET_SETS = ("basic6", "all")
+
+
+def target_classes(class_names, targets: str = "basic6") -> list[int]:
+    """The target expressions Table V synthesises: the six basic emotions (the paper's protocol; CK+'s
+    contempt is left out), or every class of the dataset."""
+    if targets == "all":
+        return list(range(len(class_names)))
+    if targets != "basic6":
+        raise ValueError(f"targets: unknown target set {targets!r}, expected one of {TARGET_SETS}")
+    return [i for i, name in enumerate(class_names) if name in BASIC_SIX]
 
 
 def _stderr(msg: str) -> None:
@@ -50,7 +62,7 @@ def _predict(model, images, crop: int, amp: bool = True, batch_size: int = 256):
 def fes_eval_fold(cfg, data, fold: int, generator, *, recogniser_epochs: int | None = None,
                   recogniser_checkpoint: str | Path | None = None, identity: str = "auto",
                   identity_faces: int | None = None, device: str | None = None, cache: dict | None = None,
-                  log=_stderr) -> dict:
+                  targets: str = "basic6", log=_stderr) -> dict:
     """Table V protocol on one fold.
 
     ``cfg``: the run's Config; ``data``: a FaceSet or a prepared dataset path; ``generator``: the FERSNet
@@ -58,7 +70,8 @@ def fes_eval_fold(cfg, data, fold: int, generator, *, recogniser_epochs: int | N
     ``recogniser_epochs`` (default ``train.epochs``), resuming from ``recogniser_checkpoint``; pass the same
     ``cache`` dict for every generator evaluated on this fold and it is trained once (so is the identity
     network). ``identity``: auto, dlib or lightcnn; ``identity_faces``: use only this many test faces
-    (spread evenly) for identity.
+    (spread evenly) for identity. ``targets``: ``basic6`` (the paper: the six basic emotions, so CK+ leaves
+    contempt out) or ``all``; every test face is a source either way.
     Returns accuracy on the synthesised faces (``accuracy``; ``accuracy_cross`` leaves out each face's own
     expression), per-class accuracy by target, the confusion matrix, the recogniser's accuracy on the real
     test faces, and ``identity_cosine`` with ``identity_method`` (``identity_cosine_other``: the same
@@ -95,8 +108,11 @@ def fes_eval_fold(cfg, data, fold: int, generator, *, recogniser_epochs: int | N
     target = torch.arange(E).repeat(n)
     own = test.labels.cpu().repeat_interleave(E)
     pred = _predict(recogniser, synth.flatten(0, 1), crop, cfg.train.amp)
+    chosen = torch.tensor(target_classes(faces.class_names, targets))
+    keep = torch.isin(target, chosen)
+    target, own, pred = target[keep], own[keep], pred[keep]
     confusion = torch.bincount(target * E + pred, minlength=E * E).view(E, E)
-    per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
+    per_class = (confusion.diag().float() / confusion.sum(1).float()).tolist()  # NaN: a target left out
     cross = target != own
     real_pred = _predict(recogniser, test.images, crop, cfg.train.amp)
 
@@ -117,6 +133,7 @@ def fes_eval_fold(cfg, data, fold: int, generator, *, recogniser_epochs: int | N
         "dataset": faces.dataset, "fold": fold, "accuracy": float((pred == target).float().mean()),
         "accuracy_cross": float((pred[cross] == target[cross]).float().mean()) if cross.any() else float("nan"),
         "per_class_accuracy": per_class, "confusion": confusion.tolist(), "class_names": list(faces.class_names),
+        "targets": targets, "target_names": [faces.class_names[i] for i in chosen.tolist()],
         "n_source_images": n, "n_synth_images": int(target.numel()),
         "recogniser_real_accuracy": float((real_pred == test.labels.cpu()).float().mean()),
         "recogniser_epochs": int(epochs), **ident, "wall_s": time.perf_counter() - t0,

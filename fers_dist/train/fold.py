@@ -20,7 +20,7 @@ import torch
 from fers_dist.config import Config
 from fers_dist.data.loader import FaceSet, holdout_split, load_faces, split_fold
 from fers_dist.errors import FersError
-from fers_dist.model import build_model
+from fers_dist.model import architecture, build_model
 from fers_dist.train.checkpoint import check_stamp, load_weights
 from fers_dist.train.evaluate import evaluate
 from fers_dist.train.fes_da import synthesize_balanced
@@ -48,6 +48,8 @@ class FoldResult:
     lam_idt_used: bool  # False when identity=none (λ4 = 0)
     wall_s: float
     device: str
+    d_real_pair: str = ""  # the discriminator's real pair (loss.real_pair); "" without a discriminator
+    architecture: dict = field(default_factory=dict)  # model.fersnet.architecture: encoder shape, parameters
     gate_means: dict[str, float] = field(default_factory=dict)
     gate_maps: dict[str, list] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
@@ -133,6 +135,8 @@ def fit_fold(cfg: Config, data: FaceSet | str | Path, fold: int, report: Report 
         class_names=list(faces.class_names), n_train_images=len(train), n_train_subjects=train.n_subjects(),
         epochs_run=epochs_run, identity=cfg.identity.backbone if uses_idt else "none",
         lam_idt_used=uses_idt, wall_s=time.perf_counter() - t0,
+        d_real_pair=cfg.loss.real_pair if getattr(model, "has_fes", False) and cfg.loss.lam_adv > 0 else "",
+        architecture=architecture(base_cfg.model, faces.num_classes),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         history=history, **metrics,
     )
