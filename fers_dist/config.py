@@ -134,6 +134,8 @@ class DataConfig(_Section):
     root: str = Field("data", description="folder holding <dataset>/faces.parquet")
     aligner: Literal["landmarks", "fan", "dlib", "center"] = "landmarks"
     aligned_size: int = Field(110, ge=16, description="aligned face size (paper: 110)")
+    channels: Literal[1, 3] = Field(1, description="1: gray faces; 3: colour (Oulu-CASIA VL is colour) through "
+                                                   "prepare, Parquet, training and the synthesis grids")
     rotations: list[float] = Field(default_factory=lambda: [-15, -10, -5, 0, 5, 10, 15])
     mirror: bool = True
     n_folds: int = Field(10, ge=2)
@@ -249,6 +251,9 @@ class Config(_Section):
                 f"model.input_size ({self.model.input_size}) is larger than "
                 f"data.aligned_size ({self.data.aligned_size}): the crop cannot exceed the aligned face"
             )
+        if self.model.in_channels != self.data.channels:
+            raise ValueError(f"model.in_channels ({self.model.in_channels}) must equal data.channels "
+                             f"({self.data.channels}): the network reads the faces as prepared")
         return self
 
     # -- helpers ------------------------------------------------------------------------------

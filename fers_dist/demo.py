@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         step("prepare", "prepare with Ray Data (landmarks aligner) -> Parquet with folds")
         for ds in datasets:
             prepare(ds, out / "raw" / ds, cfg.data.root, aligner="landmarks", size=cfg.data.aligned_size,
-                    n_folds=cfg.data.n_folds, fold_seed=cfg.data.fold_seed)
+                    n_folds=cfg.data.n_folds, fold_seed=cfg.data.fold_seed, channels=cfg.data.channels)
         step("cv", f"{cfg.data.n_folds}-fold CV of {', '.join(variants)} on {', '.join(datasets)} (Ray Tune + Train)")
         frame = run_cv(cfg)
         step("tune", f"λ study, nested CV: one study per outer fold {cfg.tune.outer_folds} of ckplus, {trials} "

@@ -52,6 +52,17 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     raise FaceNotFound(f"unsupported image shape {image.shape}")
 
 
+def to_bgr(image: np.ndarray) -> np.ndarray:
+    """A 3-channel BGR image (OpenCV's order; the loader turns it into RGB) from gray, BGR or BGRA."""
+    import cv2
+
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        return image if image.shape[2] == 3 else cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    raise FaceNotFound(f"unsupported image shape {image.shape}")
+
+
 def anchors(landmarks: np.ndarray) -> np.ndarray:
     """Eye centres (points 36-41, 42-47) and mouth centre (48-67) of 68 iBUG landmarks."""
     lm = np.asarray(landmarks, dtype=np.float32)
@@ -60,8 +71,8 @@ def anchors(landmarks: np.ndarray) -> np.ndarray:
     return np.stack([lm[36:42].mean(0), lm[42:48].mean(0), lm[48:68].mean(0)])
 
 
-def similarity_warp(gray: np.ndarray, landmarks: np.ndarray, size: int) -> np.ndarray:
-    """Warp ``gray`` so the eye and mouth centres land on ``CANONICAL`` (least squares over the 3)."""
+def similarity_warp(image: np.ndarray, landmarks: np.ndarray, size: int) -> np.ndarray:
+    """Warp ``image`` (gray or colour) so the eye and mouth centres land on ``CANONICAL`` (least squares over the 3)."""
     import cv2
 
     src = anchors(landmarks)
@@ -74,17 +85,30 @@ def similarity_warp(gray: np.ndarray, landmarks: np.ndarray, size: int) -> np.nd
                                        ransacReprojThreshold=10.0 * size, refineIters=20)
     if m is None or not np.isfinite(m).all():
         raise FaceNotFound("no similarity transform fits the eye and mouth centres")
-    return cv2.warpAffine(gray, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 class Aligner:
-    name = "base"
-    wants_color = False  # whether align() should get the decoded colour image
+    """Aligns one image to a ``size`` x ``size`` face with ``channels`` 1 (gray) or 3 (colour, BGR)."""
 
-    def __init__(self, size: int = 110):
+    name = "base"
+    needs_color = False  # whether the landmark model itself wants the colour image
+
+    def __init__(self, size: int = 110, channels: int = 1):
         if size < 8:
             raise FersError(f"aligned size: need at least 8 px, got {size}")
-        self.size = size
+        if channels not in (1, 3):
+            raise FersError(f"channels: 1 (gray) or 3 (colour), got {channels!r}")
+        self.size, self.channels = size, channels
+
+    @property
+    def wants_color(self) -> bool:
+        """Whether align() should get the decoded colour image."""
+        return self.needs_color or self.channels == 3
+
+    def pixels(self, image: np.ndarray) -> np.ndarray:
+        """The image in the output's channels: landmarks come from gray, the face keeps colour if asked."""
+        return to_gray(image) if self.channels == 1 else to_bgr(image)
 
     def align(self, image: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
         raise NotImplementedError
@@ -97,7 +121,7 @@ class LandmarksAligner(Aligner):
         if landmarks is None:
             raise FaceNotFound("no landmarks for this image (the landmarks aligner needs the dataset's "
                                "own landmarks; use --aligner fan or dlib)")
-        return similarity_warp(to_gray(image), landmarks, self.size)
+        return similarity_warp(self.pixels(image), landmarks, self.size)
 
 
 class CenterAligner(Aligner):
@@ -106,9 +130,9 @@ class CenterAligner(Aligner):
     def align(self, image, landmarks=None):
         import cv2
 
-        gray = to_gray(image)
-        interp = cv2.INTER_AREA if min(gray.shape) >= self.size else cv2.INTER_LINEAR
-        return cv2.resize(gray, (self.size, self.size), interpolation=interp)
+        face = self.pixels(image)
+        interp = cv2.INTER_AREA if min(face.shape[:2]) >= self.size else cv2.INTER_LINEAR
+        return cv2.resize(face, (self.size, self.size), interpolation=interp)
 
 
 def _largest(boxes) -> int:
@@ -119,8 +143,8 @@ def _largest(boxes) -> int:
 class DlibAligner(Aligner):
     name = "dlib"
 
-    def __init__(self, size: int = 110, upsample: int = 1, predictor: str | None = None):
-        super().__init__(size)
+    def __init__(self, size: int = 110, upsample: int = 1, predictor: str | None = None, channels: int = 1):
+        super().__init__(size, channels)
         try:
             import dlib
         except ImportError:
@@ -146,7 +170,7 @@ class DlibAligner(Aligner):
         det = dets[_largest([(d.left(), d.top(), d.right(), d.bottom()) for d in dets])]
         shape = self.predictor(gray, det)
         pts = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
-        return similarity_warp(gray, pts, self.size)
+        return similarity_warp(self.pixels(image), pts, self.size)
 
 
 def fan_weight_files() -> list[str]:
@@ -177,11 +201,11 @@ def fan_preflight(hub_dir: str | None = None) -> Path:
 
 class FanAligner(Aligner):
     name = "fan"
-    wants_color = True
+    needs_color = True
 
     def __init__(self, size: int = 110, device: str = "auto", hub_dir: str | None = None,
-                 flip_input: bool = False, compile: bool = False):
-        super().__init__(size)
+                 flip_input: bool = False, compile: bool = False, channels: int = 1):
+        super().__init__(size, channels)
         try:
             import face_alignment
             import torch
@@ -203,7 +227,7 @@ class FanAligner(Aligner):
         if not preds:
             raise FaceNotFound("fan: no face detected")
         pick = _largest(boxes) if boxes is not None and len(boxes) == len(preds) else 0
-        return similarity_warp(to_gray(image), np.asarray(preds[pick])[:, :2], self.size)
+        return similarity_warp(self.pixels(image), np.asarray(preds[pick])[:, :2], self.size)
 
 
 def preflight(name: str, **opts) -> None:
@@ -217,7 +241,7 @@ def preflight(name: str, **opts) -> None:
             raise AlignerUnavailable("fan aligner: face-alignment is not installed") from None
         fan_preflight(opts.get("hub_dir"))
     elif name == "dlib":
-        DlibAligner(**{k: v for k, v in opts.items() if k in ("predictor", "upsample")})
+        DlibAligner(**{k: v for k, v in opts.items() if k in ("predictor", "upsample", "channels")})
 
 
 _REGISTRY = {"landmarks": LandmarksAligner, "center": CenterAligner, "dlib": DlibAligner, "fan": FanAligner}

@@ -87,7 +87,7 @@ def load_faces(data: str | Path, dataset: str | None = None) -> FaceSet:
         img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_UNCHANGED)
         if img is None:
             raise DataError(f"{path}: row {i} holds an undecodable image")
-        images.append(img[None] if img.ndim == 2 else img.transpose(2, 0, 1))
+        images.append(img[None] if img.ndim == 2 else img[..., ::-1].transpose(2, 0, 1))  # BGR PNG -> RGB
     subject_names = tuple(sorted(set(cols["subject"])))
     code = {s: i for i, s in enumerate(subject_names)}
     return FaceSet(

@@ -233,12 +233,12 @@ def _write_dataset(folder: Path, faces, rejected, manifest: dict) -> None:
 def prepare(dataset: str, root: str | Path, out: str | Path, aligner: str = "landmarks", size: int = 110,
             n_folds: int = 10, fold_seed: int = 0, num_gpus: float | None = None, actors: int | None = None,
             batch_size: int = 64, force: bool = False, reader_opts: dict | None = None,
-            aligner_opts: dict | None = None, compute: str = "auto", log=print) -> dict:
+            aligner_opts: dict | None = None, compute: str = "auto", channels: int = 1, log=print) -> dict:
     """Build ``<out>/<dataset>/faces.parquet`` + ``manifest.json``; returns the manifest (with
-    ``status``: ``built`` or ``up-to-date``)."""
+    ``status``: ``built`` or ``up-to-date``). ``channels``: 1 stores gray faces, 3 colour (data.channels)."""
     from fers_dist.data.layouts import get_dataset
 
-    aligner_opts = dict(aligner_opts or {})
+    aligner_opts = {**(aligner_opts or {}), "channels": channels}
     if aligner_opts.get("hub_dir"):  # Ray workers run in their own folders: no relative path survives
         aligner_opts["hub_dir"] = str(Path(aligner_opts["hub_dir"]).expanduser().resolve())
     if aligner == "fan" and aligner_opts.get("device", "auto") == "auto":
@@ -308,6 +308,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="data root receiving <dataset>/faces.parquet (default: config data.root)")
     p.add_argument("--aligner", choices=ALIGNERS, help="default: config data.aligner")
     p.add_argument("--size", type=int, help="aligned face size in pixels (default: config data.aligned_size)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="1: gray faces, 3: colour, e.g. Oulu-CASIA VL "
+                                                                "(default: config data.channels)")
     p.add_argument("--num-gpus", type=float, help="GPUs per aligner actor (fractions pack actors on a GPU)")
     p.add_argument("--compute", choices=COMPUTE, default="auto",
                    help="auto (default): an actor pool for fan/dlib and with --num-gpus (each actor loads its "
@@ -345,5 +347,6 @@ def run(args: argparse.Namespace) -> int:
             n_folds=args.n_folds or data.n_folds,
             fold_seed=data.fold_seed if args.fold_seed is None else args.fold_seed,
             num_gpus=args.num_gpus, actors=args.actors, batch_size=args.batch_size, force=args.force,
-            compute=args.compute, reader_opts=reader_opts, aligner_opts=aligner_opts)
+            compute=args.compute, reader_opts=reader_opts, aligner_opts=aligner_opts,
+            channels=args.channels or data.channels)
     return 0

@@ -79,7 +79,7 @@ def _synthesis_figure(frame, dataset: str, exp_dir: Path, fig_dir: Path, data_ro
     synth = synthesise_all(model, test.images[picks], crop, faces.num_classes)
     src = centre_uint8(test.images[picks], crop)
     title = f"{dataset_name(dataset)}: {row['label']}, fold {row['fold']} — synthesised expressions (Fig. 4)"
-    return figures.synthesis_grid(src[:, 0].numpy(), synth[:, :, 0].numpy(),
+    return figures.synthesis_grid(src.numpy(), synth.numpy(),
                                   [faces.class_names[int(y)] for y in test.labels[picks]], list(faces.class_names),
                                   title, fig_dir / f"synthesis_{dataset}_{slug(row['label'])}_f{row['fold']}.png")
 

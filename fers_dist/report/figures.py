@@ -79,7 +79,7 @@ def synthesis_grid(sources: np.ndarray, synth: np.ndarray, source_labels: list[s
                    title: str, path: str | Path) -> Path:
     """Paper Fig. 4: source faces in rows; the source, then G(z^t, I) for every target expression t.
 
-    ``sources``: uint8 [R, H, W]; ``synth``: uint8 [R, E, H, W].
+    ``sources``: uint8 [R, C, H, W]; ``synth``: uint8 [R, E, C, H, W]; C is 1 (gray) or 3 (RGB).
     """
     n_rows, n_targets = synth.shape[:2]
     w, h = grid_size(n_rows, n_targets + 1)
@@ -93,7 +93,11 @@ def synthesis_grid(sources: np.ndarray, synth: np.ndarray, source_labels: list[s
     for r in range(n_rows):
         for c in range(n_targets + 1):
             ax = axes[r, c]
-            ax.imshow(sources[r] if c == 0 else synth[r, c - 1], cmap="gray", vmin=0, vmax=255)
+            face = sources[r] if c == 0 else synth[r, c - 1]
+            if face.shape[0] == 3:  # colour: channels last, as imshow reads RGB
+                ax.imshow(face.transpose(1, 2, 0))
+            else:
+                ax.imshow(face[0], cmap="gray", vmin=0, vmax=255)
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:

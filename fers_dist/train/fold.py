@@ -94,6 +94,9 @@ def fit_fold(cfg: Config, data: FaceSet | str | Path, fold: int, report: Report 
     set_alloc_conf(cfg)  # takes effect if CUDA's allocator has not started in this process yet
     faces = data if isinstance(data, FaceSet) else load_faces(data)
     train_idx, test_idx = split_fold(faces, fold)  # clear errors before anything heavy
+    if faces.images.shape[1] != cfg.model.in_channels:
+        raise FersError(f"{faces.dataset}: the prepared faces have {faces.images.shape[1]} channel(s) but "
+                        f"data.channels is {cfg.data.channels}: prepare again with --channels {cfg.data.channels}")
     device = resolve_device(device or cfg.train.device)
     seed = cfg.train.seed * 1000 + fold
     torch.manual_seed(seed)

@@ -60,8 +60,10 @@ def dlib_embeddings(sources: torch.Tensor, synth: torch.Tensor) -> tuple[np.ndar
     """dlib descriptors of sources [N, D] and synthesised faces [N, E, D]; NaN rows where no face is found."""
     embed = DlibEmbedder()
 
-    def one(img: torch.Tensor) -> np.ndarray:
-        e = embed(img[0].numpy())
+    def one(img: torch.Tensor) -> np.ndarray:  # [C, h, w]: colour faces are scored on their luma
+        gray = img[0] if img.shape[0] == 1 else (img.float() * img.new_tensor([0.299, 0.587, 0.114],
+                                                                              dtype=torch.float32)[:, None, None]).sum(0)
+        e = embed(gray.round().clamp(0, 255).to(torch.uint8).numpy())
         return np.full(128, np.nan) if e is None else e
 
     n, E = synth.shape[:2]
