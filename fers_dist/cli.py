@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("fers_dist.data.synthetic", "draw procedural synthetic faces in a real dataset layout"),
     "prepare": ("fers_dist.data.prepare", "Ray Data: raw dataset folder -> aligned-face Parquet + folds"),
     "train": ("fers_dist.train.cli", "train and evaluate ONE fold of ONE variant (plain PyTorch)"),
+    "pretrain": ("fers_dist.cv.pretrain", "Ray Train: pre-train FERSNet on BU-4DFE (train.init_from: pretrained)"),
     "cv": ("fers_dist.cv.cli", "Ray: datasets x variants x folds cross-validation"),
     "tune": ("fers_dist.tune.cli", "Ray Tune + Optuna study over the loss weights and LR schedule"),
     "report": ("fers_dist.report.cli", "tables (Markdown, CSV, LaTeX), figures and report.html"),

@@ -128,6 +128,10 @@ class TrainConfig(_Section):
     early_stopping_patience: int | None = Field(None, ge=1)
     fes_da_epochs: int = Field(50, ge=1, description="fine-tuning epochs of the fes_da variant")
     fes_da_lr: float = Field(1e-4, gt=0)
+    init_from: str | None = Field(
+        None, description="start every fold from a pre-trained FERSNet: 'pretrained' (what `fers pretrain` trained "
+                          "on BU-4DFE under this config) or a checkpoint path/URI; rows are tagged 'pretrained'")
+    pretrain_epochs: int | None = Field(None, ge=1, description="epochs of `fers pretrain` (None: train.epochs)")
 
 
 class DataConfig(_Section):

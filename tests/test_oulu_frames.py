@@ -37,12 +37,12 @@ def test_the_last_three_frames_of_each_sequence_by_name(tmp_path):
     padded = [f"{k:03d}.jpeg" for k in range(12)]  # the distribution's naming: 000.jpeg, 001.jpeg, ...
     unpadded = [f"{k}.jpeg" for k in range(12)]  # 0.jpeg ... 11.jpeg: a string sort would end on 7, 8, 9
     write_sequence(tmp_path, "P001", "Anger", padded)
-    write_sequence(tmp_path, "P001", "Happiness", padded[:10] + ["notes.txt", "Thumbs.db"])
+    write_sequence(tmp_path, "P001", "Happiness", padded[:10] + ["010.txt", "Thumbs.db"])
     write_sequence(tmp_path, "P002", "Surprise", unpadded)
     write_sequence(tmp_path, "P002", "Fear", ["8.jpeg", "9.jpeg"])  # too short: every frame is kept
     assert kept(tmp_path) == {
         "P001_Anger": ["009.jpeg", "010.jpeg", "011.jpeg"],
-        "P001_Happiness": ["007.jpeg", "008.jpeg", "009.jpeg"],  # files that are not images do not count
+        "P001_Happiness": ["007.jpeg", "008.jpeg", "009.jpeg"],  # not images: 010.txt does not count
         "P002_Surprise": ["9.jpeg", "10.jpeg", "11.jpeg"],
         "P002_Fear": ["8.jpeg", "9.jpeg"],
     }

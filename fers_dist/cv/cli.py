@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from fers_dist.config import DATASETS, VARIANTS, Config, add_set_argument, load_config
 from fers_dist.errors import FersError
 from fers_dist.paths import resolve_paths
+from fers_dist.train.pretrain import check_pretrained, default_tag
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="prepared data root holding <dataset>/faces.parquet (default: data.root)")
     p.add_argument("--experiment", help="experiment name (default: cv.experiment)")
     p.add_argument("--resume", metavar="NAME", help="resume experiment NAME: re-run only unfinished runs")
-    p.add_argument("--tag", default="paper", help="row tag, e.g. 'tuned' for runs with tuned λ")
+    p.add_argument("--tag", help="row tag, e.g. 'tuned' for runs with tuned λ (default: 'pretrained' with "
+                                 "train.init_from, else 'paper')")
     p.add_argument("--workers-per-run", type=int, help="override cv.workers_per_run (0 = local mode)")
     p.add_argument("--gpus-per-run", type=float, help="override cv.gpus_per_run (0.25 packs 4 per GPU)")
     p.add_argument("--cpus-per-run", type=float, help="override cv.cpus_per_run (split across the run's workers)")
@@ -125,8 +127,9 @@ def run(args: argparse.Namespace) -> int:
     return 0 if len(frame) and (frame["status"] == "finished").all() else 1
 
 
-def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", address: str | None = None):
-    """Run every unfinished run of ``cfg``'s grid; returns the experiment's folds.parquet as a frame."""
+def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str | None = None, address: str | None = None):
+    """Run every unfinished run of ``cfg``'s grid; returns the experiment's folds.parquet as a frame. ``tag``
+    (the rows' tag): default ``pretrained`` for runs starting from ``train.init_from``, else ``paper``."""
     from fers_dist.cv.resources import (
         alive_nodes,
         check_fits_one_node,
@@ -142,6 +145,9 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str = "paper", addre
     cfg = resolve_paths(cfg)  # every path absolute on the driver: trials and workers chdir
     runs = runs if runs is not None else plan_runs(cfg)
     check_inputs(cfg, runs)
+    for c in {r.config(cfg).train.init_from: r.config(cfg) for r in runs}.values():
+        check_pretrained(c)  # the model every fold starts from exists, before any run
+    tag = tag or default_tag(cfg)
     storage, experiment = cfg.cv.storage, cfg.cv.experiment
     with ray_session(address, quiet=True):
         nodes = alive_nodes()

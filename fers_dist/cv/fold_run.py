@@ -29,6 +29,7 @@ from fers_dist.provenance import provenance
 from fers_dist.results import experiment_uri, result_row, run_key, run_name
 from fers_dist.storage import download, exists, is_uri, upload
 from fers_dist.tracking import log_epoch, log_result, track_fold
+from fers_dist.train.pretrain import pretrained_uri
 from fers_dist.train.speed import cap_process_memory, set_alloc_conf
 
 CHECKPOINT_FILES = ("main.pt", "fes_da.pt")
@@ -111,6 +112,9 @@ def train_func(config: dict) -> None:
     init_from = config.get("init_from")
     if init_from and is_uri(init_from):  # fes_da: the original run's main.pt, read from the bucket
         init_from = str(download(init_from))
+    pretrained = pretrained_uri(cfg)  # train.init_from: the BU-4DFE model every fold starts from
+    if pretrained and is_uri(pretrained):
+        pretrained = str(download(pretrained))
 
     data = Path(cfg.data.root) / config["dataset"]
     uri = cfg.cv.tracking.mlflow if rank == 0 else None
@@ -123,7 +127,7 @@ def train_func(config: dict) -> None:
             report_fn({**metrics, "run": name})
 
         result = fit_fold(cfg, data, config["fold"], report=report, checkpoint_dir=ckdir, init_from=init_from,
-                          device=device)
+                          device=device, pretrained=pretrained)
         if mlflow:
             log_result(mlflow, result)
     row = result_row(result, experiment=config["experiment"], tag=config["tag"], checkpoint_uri=home,

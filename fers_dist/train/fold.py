@@ -24,6 +24,7 @@ from fers_dist.model import architecture, build_model
 from fers_dist.train.checkpoint import check_stamp, load_weights
 from fers_dist.train.evaluate import evaluate
 from fers_dist.train.fes_da import synthesize_balanced
+from fers_dist.train.pretrain import load_pretrained, pretrained_uri
 from fers_dist.train.speed import set_alloc_conf
 from fers_dist.train.trainer import Report, Trainer
 
@@ -48,6 +49,7 @@ class FoldResult:
     lam_idt_used: bool  # False when identity=none (λ4 = 0)
     wall_s: float
     device: str
+    pretrained_from: str = ""  # train.init_from's model (BU-4DFE pre-training) the run started from
     d_real_pair: str = ""  # the discriminator's real pair (loss.real_pair); "" without a discriminator
     architecture: dict = field(default_factory=dict)  # model.fersnet.architecture: encoder shape, parameters
     gate_means: dict[str, float] = field(default_factory=dict)
@@ -78,7 +80,8 @@ def _stderr(msg: str) -> None:
 
 def fit_fold(cfg: Config, data: FaceSet | str | Path, fold: int, report: Report | None = None,
              checkpoint_dir: str | Path | None = None, init_from: str | Path | None = None,
-             device: str | None = None, log: Callable[[str], None] = _stderr) -> FoldResult:
+             device: str | None = None, pretrained: str | Path | None = None,
+             log: Callable[[str], None] = _stderr) -> FoldResult:
     """Train ``cfg.model.variant`` on every fold but ``fold`` of ``data`` and evaluate on ``fold``.
 
     ``data``: a FaceSet, or a prepared dataset (``<root>/<dataset>`` or its ``faces.parquet``).
@@ -88,6 +91,8 @@ def fit_fold(cfg: Config, data: FaceSet | str | Path, fold: int, report: Report 
     ``init_from``: for ``fes_da``, the ``original`` run's ``main.pt`` for the same fold, reused instead of
     training the original model again.
     ``device``: overrides ``train.device`` (the Ray layer passes the device Ray assigned).
+    ``pretrained``: a local copy of the model ``train.init_from`` names; a fresh run starts from it (a resumed
+    run continues from its own checkpoint).
     Checkpoints are stamped with ``cfg.hash()``; one made under another config is refused, never resumed.
     """
     t0 = time.perf_counter()
@@ -122,6 +127,8 @@ def fit_fold(cfg: Config, data: FaceSet | str | Path, fold: int, report: Report 
         epochs_run, history, uses_idt = cfg.train.epochs, [], cfg.identity.backbone != "none"
     else:
         trainer = Trainer(base_cfg, train, g, log=log)
+        if pretrained and not (ckdir and (ckdir / "main.pt").exists()):
+            load_pretrained(trainer.model, pretrained, cfg, log)
         epochs_run = trainer.fit(ckdir / "main.pt" if ckdir else None, report, val, config_hash=cfg.hash())
         model, history, uses_idt = trainer.model, trainer.history, trainer.identity is not None
     if variant == "fes_da":
@@ -139,7 +146,7 @@ def fit_fold(cfg: Config, data: FaceSet | str | Path, fold: int, report: Report 
         epochs_run=epochs_run, identity=cfg.identity.backbone if uses_idt else "none",
         lam_idt_used=uses_idt, wall_s=time.perf_counter() - t0,
         d_real_pair=cfg.loss.real_pair if getattr(model, "has_fes", False) and cfg.loss.lam_adv > 0 else "",
-        architecture=architecture(base_cfg.model, faces.num_classes),
+        architecture=architecture(base_cfg.model, faces.num_classes), pretrained_from=pretrained_uri(cfg) or "",
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         history=history, **metrics,
     )
