@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import sys
 
 # name -> (module providing add_arguments(parser) and bench(args) -> dict, help)
 BENCHES: dict[str, tuple[str, str]] = {
@@ -29,22 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, (module_name, help_) in BENCHES.items():
         p = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
-        try:
-            importlib.import_module(module_name).add_arguments(p)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
+        importlib.import_module(module_name).add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     module_name, _ = BENCHES[args.bench]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            print(f"fers bench {args.bench}: not yet implemented", file=sys.stderr)
-            return 2
-        raise
-    result = module.bench(args)
+    result = importlib.import_module(module_name).bench(args)
     print(json.dumps(result, sort_keys=False), flush=True)
     return 0

@@ -66,13 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module_name, help_ = COMMANDS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            print(f"fers {name}: not yet implemented", file=sys.stderr)
-            return 2
-        raise
+    module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(
         prog=f"fers {name}", description=(module.__doc__ or help_).strip().split("\n\n")[0],
         formatter_class=HelpFormatter,

@@ -85,7 +85,7 @@ def run_pretrain(cfg, address: str | None = None, force: bool = False, log=print
     worker = {"CPU": cfg.cv.cpus_per_run / workers, **({"GPU": cfg.cv.gpus_per_run / workers}
                                                        if cfg.cv.gpus_per_run else {})}
     epochs = cfg.train.pretrain_epochs or cfg.train.epochs
-    with ray_session(address, quiet=True):
+    with ray_session(address):  # not quiet: rank 0's epoch lines are the progress a user sees
         nodes = alive_nodes()
         check_placeable(cfg, len(nodes))
         check_fits_one_node(cfg.cv.model_copy(update={"workers_per_run": workers}), nodes)
