@@ -18,6 +18,7 @@ from fers_dist.errors import FersError
 from fers_dist.storage import filesystem
 
 KEY = ["dataset", "variant", "fold", "seed", "config_hash", "tag"]
+PRETRAINED_TAG = "pretrained"  # rows of runs started from a pre-trained model (train.init_from)
 JSON_COLUMNS = ("gate_means", "gate_maps", "history", "config")
 
 

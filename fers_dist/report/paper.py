@@ -14,9 +14,8 @@ TABLE_VI = {
     "mmi": {"no_mtl": 63.78, "no_convflu": 69.07, "original": 71.31, "fes_da": 73.87},
 }
 
-# Accuracy (%) after pre-training on BU-4DFE (our runs carry tag "pretrained").
+# Accuracy (%) after pre-training on BU-4DFE (our runs carry tag "pretrained": results.PRETRAINED_TAG).
 PRETRAINED_BU4DFE = {"ckplus": 97.85, "oulu": 89.23, "mmi": 75.32}
-PRETRAINED_TAG = "pretrained"
 
 # Table V: a recogniser trained on real training images only, tested on FES-synthesised test images (%).
 TABLE_V_FES = {"ckplus": 97.04, "oulu": 81.52}

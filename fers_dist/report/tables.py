@@ -13,16 +13,9 @@ import numpy as np
 import pandas as pd
 
 from fers_dist.report.experiment import Group, datasets, label_order, plural, slug
-from fers_dist.report.paper import (
-    PRETRAINED_BU4DFE,
-    PRETRAINED_TAG,
-    TABLE_V_FES,
-    TABLE_VI,
-    VARIANT_ORDER,
-    dataset_name,
-    variant_name,
-)
+from fers_dist.report.paper import PRETRAINED_BU4DFE, TABLE_V_FES, TABLE_VI, VARIANT_ORDER, dataset_name, variant_name
 from fers_dist.report.stats import WILCOXON_MIN_PAIRS, format_p, mean_std, paired_tests
+from fers_dist.results import PRETRAINED_TAG
 
 DASH = "—"
 

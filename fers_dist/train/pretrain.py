@@ -54,7 +54,7 @@ def pretrained_uri(cfg: Config) -> str | None:
 
 def default_tag(cfg: Config) -> str:
     """The rows' tag: ``pretrained`` (the report's BU-4DFE slot) for runs starting from a pre-trained model."""
-    from fers_dist.report.paper import PRETRAINED_TAG
+    from fers_dist.results import PRETRAINED_TAG
 
     return PRETRAINED_TAG if cfg.train.init_from else "paper"
 
