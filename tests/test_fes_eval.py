@@ -94,6 +94,12 @@ def test_dlib_identity_scores_own_faces_above_other_subjects(tiny_experiment):  
     assert r["identity_cosine_other"] < r["identity_cosine"]
 
 
+def test_table5_targets_are_the_six_basic_emotions_where_the_dataset_names_them():
+    ck = ("anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise")
+    assert fes_core.target_classes(ck) == [0, 2, 3, 4, 5, 6] and fes_core.target_classes(ck, "all") == list(range(7))
+    assert fes_core.target_classes(("c0", "c1", "c2")) == [0, 1, 2]  # a custom label set: every class
+
+
 def test_cosine_scores_separate_own_and_other_subjects():
     src = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     syn = np.stack([src, -src], axis=1)  # per source: itself, then its opposite

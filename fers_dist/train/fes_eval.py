@@ -19,12 +19,12 @@ TARGET_SETS = ("basic6", "all")
 
 def target_classes(class_names, targets: str = "basic6") -> list[int]:
     """The target expressions Table V synthesises: the six basic emotions (the paper's protocol; CK+'s
-    contempt is left out), or every class of the dataset."""
-    if targets == "all":
-        return list(range(len(class_names)))
-    if targets != "basic6":
+    contempt is left out), or every class of the dataset. A label set that names none of the six (a custom
+    dataset) is synthesised whole under ``basic6`` too."""
+    if targets not in TARGET_SETS:
         raise ValueError(f"targets: unknown target set {targets!r}, expected one of {TARGET_SETS}")
-    return [i for i, name in enumerate(class_names) if name in BASIC_SIX]
+    every = list(range(len(class_names)))
+    return every if targets == "all" else [i for i in every if class_names[i] in BASIC_SIX] or every
 
 
 def _stderr(msg: str) -> None:
