@@ -69,6 +69,18 @@ def test_a_colour_fold_trains_fes_da_synthesises_in_colour_and_the_grid_is_colou
     assert np.abs(grid[..., 2].astype(int) - grid[..., 0].astype(int)).max() > 30  # colour pixels on the page
 
 
+def test_dlib_identity_scores_colour_faces_on_their_luma(colour_oulu):
+    from fers_dist.data.loader import load_faces
+    from fers_dist.train.identity_score import identity_similarity
+
+    faces = load_faces(colour_oulu / "data" / "oulu")
+    pick = torch.arange(0, len(faces), len(faces) // 18)[:18]  # dlib finds only some of these 40 px faces
+    src = faces.images[pick]
+    r = identity_similarity(src, src[:, None].repeat(1, 2, 1, 1, 1), faces.subjects[pick], "dlib", lightcnn=None)
+    assert r["identity_method"] == "dlib" and r["identity_pairs"] > 0
+    assert r["identity_cosine"] == pytest.approx(1.0, abs=1e-6) and r["identity_cosine_other"] < r["identity_cosine"]
+
+
 def test_channels_must_match_the_model_and_the_prepared_faces(colour_oulu, tiny_cfg):
     from fers_dist.train.fold import fit_fold
 

@@ -19,7 +19,6 @@ from fers_dist.model.fersnet import (
     build_model,
     capacity,
     count_params,
-    enlarged_width,
 )
 from fers_dist.model.lightcnn import LightCNN9, to_lightcnn_input
 from fers_dist.model.losses import cls_loss, cyc_loss, gan_loss, idt_loss, rec_loss
@@ -156,7 +155,7 @@ def test_width_matched_variants_have_at_least_the_original_capacity(variant, wid
         assert count_params(reduced) >= original
         cls = FERNet if variant == "no_mtl" else SharedTrunkNet
         assert count_params(cls(cfg, 7, Capacity(reduced.width - 1))) < original  # the smallest such width
-    assert reduced.width == enlarged_width(cfg, 7) > width
+    assert reduced.width == capacity(cfg, 7).width > width
 
 
 @pytest.mark.parametrize("width, size", [(8, 32), (16, 32), (16, 48), (256, 96)])

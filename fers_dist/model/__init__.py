@@ -19,7 +19,6 @@ _EXPORTS = {
     "build_model": "fersnet",
     "conv_block": "fersnet",
     "count_params": "fersnet",
-    "enlarged_width": "fersnet",
     "capacity": "fersnet",
     "architecture": "fersnet",
     "PatchDiscriminator": "discriminator",

@@ -172,9 +172,8 @@ class FERNet(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int, cap: Capacity):
         super().__init__()
         self.width, self.num_classes, self.capacity = cap.width, num_classes, cap
-        width = cap.width
-        self.fer_blocks = encoder(cfg.in_channels, width, cap.convs, cap.kernel)
-        self.f_cls = Classifier(width, bottleneck_size(cfg), cfg.cls_hidden, num_classes)
+        self.fer_blocks = encoder(cfg.in_channels, cap.width, cap.convs, cap.kernel)
+        self.f_cls = Classifier(cap.width, bottleneck_size(cfg), cfg.cls_hidden, num_classes)
 
     def forward(self, image: Tensor, target_onehot: Tensor | None = None) -> FERSOutput:
         feat = image
@@ -259,11 +258,6 @@ def capacity(cfg: ModelConfig, num_classes: int, variant: str | None = None) -> 
     """The enlarged encoder at which a reduced variant has at least as many parameters as FERSNet
     (``model.capacity_match``: ``depth`` as the paper did, or ``width``)."""
     return _capacity_cached(variant or cfg.variant, cfg.model_dump_json(), num_classes)
-
-
-def enlarged_width(cfg: ModelConfig, num_classes: int, variant: str | None = None) -> int:
-    """The reduced variant's width (``cfg.width`` itself under ``capacity_match=depth``)."""
-    return capacity(cfg, num_classes, variant).width
 
 
 def architecture(cfg: ModelConfig, num_classes: int) -> dict:

@@ -93,14 +93,16 @@ class LightCNN9(nn.Module):
         return self.fc2(F.dropout(feat, training=self.training)), feat
 
 
+def luma(images: Tensor) -> Tensor:
+    """RGB images [B, 3, H, W] (any value range) -> their ITU-R BT.601 luma [B, 1, H, W]."""
+    return (images * images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+
+
 def to_lightcnn_input(images: Tensor) -> Tensor:
     """Images in [-1, 1] with 1 or 3 (RGB) channels -> gray [B, 1, 128, 128] in [0, 1] (bilinear)."""
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images [B, 1 or 3, H, W], got {list(images.shape)}")
-    if images.shape[1] == 3:  # ITU-R BT.601 luma
-        weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        images = (images * weights).sum(dim=1, keepdim=True)
-    gray = (images + 1) / 2
+    gray = ((luma(images) if images.shape[1] == 3 else images) + 1) / 2
     if gray.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
         gray = F.interpolate(gray, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
     return gray

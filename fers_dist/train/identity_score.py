@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fers_dist.errors import FersError
+from fers_dist.model.lightcnn import luma
 
 DLIB_SIZE = 200  # faces are padded and upscaled so dlib's HOG detector (about 80 px minimum) finds them
 DLIB_PADS = (0.2, 0.5)  # border shares tried in turn: aligned crops are too tight for the detector
@@ -60,10 +61,9 @@ def dlib_embeddings(sources: torch.Tensor, synth: torch.Tensor) -> tuple[np.ndar
     """dlib descriptors of sources [N, D] and synthesised faces [N, E, D]; NaN rows where no face is found."""
     embed = DlibEmbedder()
 
-    def one(img: torch.Tensor) -> np.ndarray:  # [C, h, w]: colour faces are scored on their luma
-        gray = img[0] if img.shape[0] == 1 else (img.float() * img.new_tensor([0.299, 0.587, 0.114],
-                                                                              dtype=torch.float32)[:, None, None]).sum(0)
-        e = embed(gray.round().clamp(0, 255).to(torch.uint8).numpy())
+    def one(img: torch.Tensor) -> np.ndarray:  # [C, h, w] uint8: colour faces are scored on their luma
+        gray = img[0] if img.shape[0] == 1 else luma(img[None].float())[0, 0].round().clamp(0, 255).to(torch.uint8)
+        e = embed(gray.numpy())
         return np.full(128, np.nan) if e is None else e
 
     n, E = synth.shape[:2]
