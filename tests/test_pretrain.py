@@ -19,10 +19,10 @@ from fers_dist.train.checkpoint import save_checkpoint
 from fers_dist.train.pretrain import load_pretrained, pretrain_config, pretrained_uri
 
 
-def _saved(tmp_path, cfg, num_classes: int, stamp: str | None = None):
+def _saved(tmp_path, cfg, num_classes: int, stamp: str | None = None, path=None):
     torch.manual_seed(1)
     model = build_model(cfg.model, num_classes)
-    path = tmp_path / "pre" / "main.pt"
+    path = Path(path or tmp_path / "pre" / "main.pt")
     save_checkpoint(path, epoch=0, modules={"model": model}, generator=torch.Generator(), history=[],
                     extra={"config_hash": stamp or pretrain_config(cfg).hash()})
     return model, path
@@ -70,6 +70,20 @@ def test_pretrained_uri_follows_the_config_and_is_checked_before_any_run(tiny_cf
         {"train.init_from": "pretrained", "cv.storage": str(tmp_path)}))  # the command's config: the defaults
     assert err == f"fers train: error: train.init_from: 'pretrained': no pre-trained model at {uri} (run: fers " \
                   f"pretrain with this config, e.g. fers pretrain --config CONFIG --data-root {Path.cwd() / 'data'})"
+
+
+@pytest.mark.ray
+def test_cv_checks_each_variants_pretrained_model_before_any_run(tiny_cfg, prepared_data, tmp_path):
+    from fers_dist.cv.cli import run_cv
+
+    cfg = tiny_cfg.with_overrides({"train.init_from": "pretrained", "cv.storage": str(tmp_path / "res"),
+                                   "data.root": str(prepared_data), "cv.datasets": ["ckplus"], "cv.folds": [0],
+                                   "cv.variants": ["original", "fes_da", "no_mtl"], "cv.experiment": "chk"})
+    _saved(tmp_path, cfg, 6, path=pretrained_uri(cfg))  # original's model, which fes_da shares; no_mtl has none
+    no_mtl = pretrained_uri(cfg.with_overrides({"model.variant": "no_mtl"}))
+    with pytest.raises(FersError, match=f"no pre-trained model at {no_mtl} "):
+        run_cv(cfg)
+    assert not (tmp_path / "res" / "chk").exists()  # refused before any run started
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from fers_dist.config import DATASETS, VARIANTS, Config, add_set_argument, load_config
 from fers_dist.errors import FersError
 from fers_dist.paths import resolve_paths
-from fers_dist.train.pretrain import check_pretrained, default_tag
+from fers_dist.train.pretrain import check_pretrained, default_tag, pretrained_uri
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,10 @@ class Run:
     def config(self, grid: Config) -> Config:
         base = self.cfg or grid
         return base if self.seed is None or self.seed == base.train.seed else base.with_overrides({"train.seed": self.seed})
+
+    def run_config(self, grid: Config) -> Config:
+        """The config this run trains under: its :meth:`config` with its variant."""
+        return self.config(grid).with_overrides({"model.variant": self.variant})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -145,8 +149,8 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str | None = None, a
     cfg = resolve_paths(cfg)  # every path absolute on the driver: trials and workers chdir
     runs = runs if runs is not None else plan_runs(cfg)
     check_inputs(cfg, runs)
-    for c in {r.config(cfg).train.init_from: r.config(cfg) for r in runs}.values():
-        check_pretrained(c)  # the model every fold starts from exists, before any run
+    for c in {pretrained_uri(c): c for c in (r.run_config(cfg) for r in runs)}.values():
+        check_pretrained(c)  # before any run: each variant and seed starts from its own pre-trained model
     tag = tag or default_tag(cfg)
     storage, experiment = cfg.cv.storage, cfg.cv.experiment
     with ray_session(address, quiet=True):
@@ -198,7 +202,7 @@ def _run_wave(cfg: Config, wave: list[Run], res, tag: str, finished: set[tuple])
     storage, experiment = cfg.cv.storage, cfg.cv.experiment
     configs = []
     for r in wave:
-        run_cfg = r.config(cfg).with_overrides({"model.variant": r.variant})
+        run_cfg = r.run_config(cfg)
         h = run_cfg.hash()
         init_from = None
         if r.variant == "fes_da" and (r.dataset, "original", r.fold, h) in finished:

@@ -76,11 +76,13 @@ def run_pretrain(cfg, address: str | None = None, force: bool = False, log=print
     if not is_uri(cfg.data.root) and not data.exists():
         raise FersError(f"{data}: no prepared BU-4DFE (run: fers prepare --dataset bu4dfe --root RAW_BU4DFE "
                         f"--out {cfg.data.root})")
-    if force and exists(f"{home}/main.pt"):
+    if force:  # the old model and its summary go, so an interrupted retrain is never taken for a finished one
         from fers_dist.storage import filesystem
 
-        fs, path = filesystem(f"{home}/main.pt")
-        fs.delete_file(path)
+        for name in ("summary.json", "main.pt"):
+            if exists(f"{home}/{name}"):
+                fs, path = filesystem(f"{home}/{name}")
+                fs.delete_file(path)
     workers = max(1, cfg.cv.workers_per_run)
     worker = {"CPU": cfg.cv.cpus_per_run / workers, **({"GPU": cfg.cv.gpus_per_run / workers}
                                                        if cfg.cv.gpus_per_run else {})}
