@@ -112,3 +112,30 @@ def test_planner_reads_the_card_from_the_nodes_and_refuses_a_share_too_small(mul
     assert not (tmp_path / "results" / "sized" / "folds.parquet").exists()
     frame = run_cv(cfg)  # `auto` trains on the CPU here (FERS_DEVICE=cpu), on the GPU Ray assigned elsewhere
     assert (frame["status"] == "finished").all() and set(frame["node_id"]) <= multinode.worker_ids
+
+
+def test_pretrain_on_a_worker_node_to_s3_then_folds_start_from_it(multinode, s3, tiny_cfg, prepared_data, tmp_path):
+    """fers pretrain's Train worker runs on a GPU node and uploads its model to the bucket; the fold runs, on
+    the worker nodes too, download it from there and start from it (rows tagged 'pretrained')."""
+    from fers_dist.cv.pretrain import run_pretrain
+    from fers_dist.data.prepare import prepare
+    from fers_dist.data.synthetic import synthesize
+    from fers_dist.train.pretrain import pretrained_uri
+
+    synthesize("bu4dfe", tmp_path / "raw", subjects=6, seed=0, size=160, frames=(3, 4), progress=False)
+    data = tmp_path / "data"
+    prepare("bu4dfe", tmp_path / "raw", data, aligner="landmarks", size=40, n_folds=2, log=lambda *a: None)
+    (data / "ckplus").symlink_to(prepared_data / "ckplus")
+    cfg = tiny_cfg.with_overrides({
+        "data.root": str(data), "cv.storage": f"{s3.uri}/results", "cv.experiment": "pre", "cv.datasets": ["ckplus"],
+        "cv.variants": ["original"], "cv.folds": [0], "cv.workers_per_run": 1, "cv.gpus_per_run": 0.5,
+        "cv.cpus_per_run": 0.5, "cv.max_failures": 0, "cv.shared_filesystem": True, "train.device": "cpu",
+        "train.epochs": 1, "train.pretrain_epochs": 1, "train.batch_size": 16, "train.init_from": "pretrained"})
+    summary = run_pretrain(cfg, log=lambda m: None)
+    uri = pretrained_uri(cfg)
+    assert summary["dataset"] == "bu4dfe" and summary["epochs"] == 1
+    assert exists(uri) and exists(uri.replace("/main.pt", "/summary.json"))
+    frame = run_cv(cfg)
+    assert (frame["status"] == "finished").all(), frame[["status", "error"]]
+    assert list(frame["tag"]) == ["pretrained"] and list(frame["pretrained_from"]) == [uri]
+    assert set(frame["node_id"]) <= multinode.worker_ids
