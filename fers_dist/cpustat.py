@@ -8,7 +8,8 @@
   tasks), start-up included;
 - ``ray_data_internal``: Ray Data's own helper actors, started on a session's first dataset
   (``_StatsActor``, ``_AutoscalingCoordinatorActor``, ``ActorLocationTracker``);
-- ``ray_workers_other``: any other Ray worker (idle pool workers, other actors);
+- ``ray_workers_other``: any other Ray worker (idle pool workers, other actors), and a map task that
+  started and finished between two samples (its worker is only ever seen idle);
 - ``ray_system``: Ray's daemons (raylet, GCS, agents, log monitor);
 - ``other``: everything else on the machine (on a shared machine: other people's work).
 

@@ -260,8 +260,11 @@ def test_fers_prepare_cli_on_mmi_then_bench(tmp_path, ray_session, capsys):
     assert ratio_of_rounded(result["serial_s"], result["ray_s"], result["speedup"])
     assert result["compute"] == "tasks" and len(result["ray_runs_s"]) == 2
     assert ratio_of_rounded(result["serial_runs_s"][0], result["ray_runs_s"][0], result["speedup_first_run"])
-    if os.path.exists("/proc/stat"):  # where the CPU went: the loop in the driver, the faces in map workers
-        assert result["serial_cpu_s"][0]["driver"] > 0 and result["ray_cpu_s"][0]["map_workers"] > 0
+    if os.path.exists("/proc/stat"):  # where the CPU went: the loop in the driver, the faces in Ray workers
+        # A map task shorter than the sampling interval is only ever seen as an idle worker, so its CPU lands
+        # in ray_workers_other rather than map_workers; either way it is off the driver.
+        workers = result["ray_cpu_s"][0].get("map_workers", 0) + result["ray_cpu_s"][0].get("ray_workers_other", 0)
+        assert result["serial_cpu_s"][0]["driver"] > 0 and workers > 0
     # Several sizes: one entry per size, and the fitted break-even sizes.
     plot = tmp_path / "scaling.png"
     sweep = bench.bench(p.parse_args(["--images", "40", "16", "--image-size", "128", "--batch-size", "8",
