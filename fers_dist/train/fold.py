@@ -81,7 +81,7 @@ def _stderr(msg: str) -> None:
 def fit_fold(cfg: Config, data: FaceSet | str | Path, fold: int, report: Report | None = None,
              checkpoint_dir: str | Path | None = None, init_from: str | Path | None = None,
              device: str | None = None, pretrained: str | Path | None = None,
-             log: Callable[[str], None] = _stderr) -> FoldResult:
+             log: Callable[[str], None] = _stderr, save_now: Callable[[], bool] | None = None) -> FoldResult:
     """Train ``cfg.model.variant`` on every fold but ``fold`` of ``data`` and evaluate on ``fold``.
 
     ``data``: a FaceSet, or a prepared dataset (``<root>/<dataset>`` or its ``faces.parquet``).
@@ -94,6 +94,7 @@ def fit_fold(cfg: Config, data: FaceSet | str | Path, fold: int, report: Report 
     ``pretrained``: a local copy of the model ``train.init_from`` names; a fresh run starts from it (a resumed
     run continues from its own checkpoint).
     Checkpoints are stamped with ``cfg.hash()``; one made under another config is refused, never resumed.
+    ``save_now``: polled once per epoch; true saves a checkpoint now (a preemption notice, ``Trainer.fit``).
     """
     t0 = time.perf_counter()
     set_alloc_conf(cfg)  # takes effect if CUDA's allocator has not started in this process yet
@@ -129,14 +130,16 @@ def fit_fold(cfg: Config, data: FaceSet | str | Path, fold: int, report: Report 
         trainer = Trainer(base_cfg, train, g, log=log)
         if pretrained and not (ckdir and (ckdir / "main.pt").exists()):
             load_pretrained(trainer.model, pretrained, cfg, log)
-        epochs_run = trainer.fit(ckdir / "main.pt" if ckdir else None, report, val, config_hash=cfg.hash())
+        epochs_run = trainer.fit(ckdir / "main.pt" if ckdir else None, report, val, config_hash=cfg.hash(),
+                                 save_now=save_now)
         model, history, uses_idt = trainer.model, trainer.history, trainer.identity is not None
     if variant == "fes_da":
         balanced = synthesize_balanced(model, train, cfg.model.input_size, amp)
         ft = Trainer(base_cfg, balanced, g, model=model, objective="cls", epochs=cfg.train.fes_da_epochs,
                      lr=cfg.train.fes_da_lr, log=log)
         ft_report = (lambda m, saved: report({**m, "phase": "fes_da"}, saved)) if report else None
-        epochs_run += ft.fit(ckdir / "fes_da.pt" if ckdir else None, ft_report, val, config_hash=cfg.hash())
+        epochs_run += ft.fit(ckdir / "fes_da.pt" if ckdir else None, ft_report, val, config_hash=cfg.hash(),
+                             save_now=save_now)
         history = history + [dict(h, phase="fes_da") for h in ft.history]
 
     metrics = evaluate(model, test, cfg.model.input_size, amp=amp)

@@ -176,9 +176,15 @@ class Trainer:
 
     # -- epochs --------------------------------------------------------------------------------
     def fit(self, checkpoint: str | Path | None = None, report: Report | None = None,
-            val: FaceSet | None = None, config_hash: str | None = None) -> int:
+            val: FaceSet | None = None, config_hash: str | None = None,
+            save_now: Callable[[], bool] | None = None) -> int:
         """Train to ``self.epochs``, resuming from ``checkpoint`` if it exists (and was made under
-        ``config_hash``; checkpoints are stamped with it). Returns epochs run.
+        ``config_hash``; checkpoints are stamped with it). Returns epochs run. A resumed run's first epoch
+        records ``resumed_from`` (the epoch it started again at) in its history.
+
+        Checkpoints are written every ``train.checkpoint_every`` epochs, at the last epoch, and after any
+        epoch at which ``save_now()`` is true (the caller's preemption notice; every rank calls it once per
+        epoch, so it may be a collective).
 
         Data parallel: rank 0 decides whether to resume, and every rank loads that same checkpoint, so
         the ranks can never start from different epochs."""
@@ -195,6 +201,7 @@ class Trainer:
             if state["extra"].get("stopped"):
                 return start
             self.log(f"resumed from {checkpoint} at epoch {start}")
+        resumed = start if start else None
         self.model.train()
         for epoch in range(start, self.epochs):
             metrics = self.run_epoch(epoch)
@@ -206,10 +213,13 @@ class Trainer:
                 else:
                     waited += 1
                 stop = cfg.train.early_stopping_patience is not None and waited >= cfg.train.early_stopping_patience
+            if resumed is not None:
+                metrics["resumed_from"], resumed = resumed, None
             self.history.append(metrics)
             last = stop or epoch == self.epochs - 1
             saved = None
-            if checkpoint and self.rank == 0 and (last or (epoch + 1) % cfg.train.checkpoint_every == 0):
+            urgent = bool(save_now and save_now())
+            if checkpoint and self.rank == 0 and (last or urgent or (epoch + 1) % cfg.train.checkpoint_every == 0):
                 save_checkpoint(checkpoint, epoch=epoch, modules=self.modules(), generator=self.g,
                                 history=self.history, extra={"best": best, "waited": waited, "stopped": stop,
                                                              "config_hash": config_hash})
