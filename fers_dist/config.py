@@ -163,7 +163,14 @@ class CVConfig(_Section):
     workers_per_run: int = Field(1, ge=0, description="0: Train local mode inside the Tune trial")
     gpus_per_run: float = Field(1.0, ge=0, description="fractional values pack runs on one GPU")
     cpus_per_run: float = Field(1.0, gt=0)
-    max_failures: int = Field(2, ge=0)
+    max_failures: int = Field(2, ge=0, description="retries of a failed run, by Train (its workers) and by Tune "
+                                                   "(its driver); a retry resumes from the last checkpoint")
+    max_gpus: float | None = Field(None, ge=0, description="the most GPUs the cluster can grow to, for planning "
+                                   "concurrency; None: read from the autoscaler's config (cluster/README.md)")
+    resource_timeout_s: float = Field(900, gt=0, description="how long to wait for the autoscaler's first GPU "
+                                                             "nodes before a one-line error")
+    driver_resource: str = Field("fers_driver", description="custom resource of the nodes that are never "
+                                 "preempted (the head): fold-run drivers ask for a sliver of it; '' turns it off")
     seeds: list[int] | None = Field(
         None, min_length=1, description="repeat every (dataset, variant, fold) once per train.seed listed "
                                         "(GAN training varies with its seed); None: train.seed alone")

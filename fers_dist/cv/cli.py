@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fers_dist.config import DATASETS, VARIANTS, Config, add_set_argument, load_config
 from fers_dist.errors import FersError
@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers-per-run", type=int, help="override cv.workers_per_run (0 = local mode)")
     p.add_argument("--gpus-per-run", type=float, help="override cv.gpus_per_run (0.25 packs 4 per GPU)")
     p.add_argument("--cpus-per-run", type=float, help="override cv.cpus_per_run (split across the run's workers)")
+    p.add_argument("--max-gpus", type=float, help="cv.max_gpus: the most GPUs the cluster can grow to (default: "
+                                                  "the autoscaler's config)")
     p.add_argument("--shared-filesystem", action="store_true", default=None,
                    help="cv.shared_filesystem: the local paths (data root, storage) hold the same files on every "
                         "node (NFS, a per-node copy of the read-only data, or one machine)")
@@ -62,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bench", metavar="FILE", help="--dry-run: throughput measured by `fers bench gpu --out FILE` "
                                                    "(the figure matching this config) instead of the projection")
     p.add_argument("--gpus", type=float, help="--dry-run: plan for this many GPUs (default: 1, 8 and 64)")
+    p.add_argument("--cluster", metavar="FILE", help="--dry-run: plan for this launcher config (cluster/aws.yaml): "
+                                                     "it starts at min_workers and grows to max_workers")
+    p.add_argument("--node-start-min", type=float, default=5.0,
+                   help="--dry-run --cluster: minutes a new node takes to join (default 5)")
     add_set_argument(p)
 
 
@@ -76,7 +82,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         overrides["cv.folds"] = "all" if args.folds == "all" else [_int(f, "--folds") for f in split(args.folds)]
     for flag, key in (("storage", "cv.storage"), ("data_root", "data.root"), ("experiment", "cv.experiment"),
                       ("resume", "cv.experiment"), ("workers_per_run", "cv.workers_per_run"),
-                      ("gpus_per_run", "cv.gpus_per_run"), ("cpus_per_run", "cv.cpus_per_run"),
+                      ("gpus_per_run", "cv.gpus_per_run"), ("cpus_per_run", "cv.cpus_per_run"), ("max_gpus", "cv.max_gpus"),
                       ("shared_filesystem", "cv.shared_filesystem"), ("mlflow", "cv.tracking.mlflow")):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
@@ -122,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from fers_dist.cv.plan import print_plan
 
-        print_plan(cfg, runs, args.images_per_s, args.gpus, args.bench)
+        print_plan(cfg, runs, args.images_per_s, args.gpus, args.bench, args.cluster, args.node_start_min)
         return 0
     frame = run_cv(cfg, runs, tag=args.tag, address=args.address)
     from fers_dist.cv.progress import summary_table
@@ -134,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
 def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str | None = None, address: str | None = None):
     """Run every unfinished run of ``cfg``'s grid; returns the experiment's folds.parquet as a frame. ``tag``
     (the rows' tag): default ``pretrained`` for runs starting from ``train.init_from``, else ``paper``."""
+    from fers_dist.cv.capacity import describe as ceiling_line
+    from fers_dist.cv.capacity import driver_resources, plan_capacity, scaled
     from fers_dist.cv.resources import (
         alive_nodes,
         check_fits_one_node,
@@ -143,6 +151,7 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str | None = None, a
         free_resources,
         plan_resources,
         ray_session,
+        run_bundles,
     )
     from fers_dist.results import folds_uri, read_folds
 
@@ -153,25 +162,29 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str | None = None, a
         check_pretrained(c)  # before any run: each variant and seed starts from its own pre-trained model
     tag = tag or default_tag(cfg)
     storage, experiment = cfg.cv.storage, cfg.cv.experiment
+    say = lambda m: print(m, file=sys.stderr, flush=True)
     with ray_session(address, quiet=True):
         nodes = alive_nodes()
-        check_placeable(cfg, len(nodes))
-        check_fits_one_node(cfg.cv, nodes)
+        free = free_resources()
+        cap = plan_capacity(cfg.cv, free)
+        check_placeable(cfg, len(nodes) + (1 if cap.elastic else 0))
+        check_fits_one_node(cfg.cv, nodes + cap.node_types)
         w = max(1, cfg.cv.workers_per_run)
-        check_gpu_memory(cfg, nodes, cfg.cv.gpus_per_run / w, cfg.train.batch_size // w, "cv.gpus_per_run",
-                         log=lambda m: print(m, file=sys.stderr))
+        check_gpu_memory(cfg, nodes, cfg.cv.gpus_per_run / w, cfg.train.batch_size // w, "cv.gpus_per_run", log=say)
         done = _finished(read_folds(folds_uri(storage, experiment)), tag)
         todo = [r for r in runs if (r.dataset, r.variant, r.fold, r.config(cfg).hash()) not in done]
-        print(f"fers cv: {experiment}: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
-              f"{len(todo)} to run", file=sys.stderr)
-        free = free_resources()
-        res = plan_resources(cfg.cv, free, len(todo) or None)
-        print(f"fers cv: {describe(res, free)}", file=sys.stderr)
+        say(f"fers cv: {experiment}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run")
+        res = plan_resources(cfg.cv, cap.plan, len(todo) or None)
+        if res.workers:  # the driver (Tune trial + Train controller) on a node that is never preempted
+            res = replace(res, trial={**res.trial, **driver_resources(cfg.cv, cap, nodes, say)})
+        say(f"fers cv: {describe(res, cap.plan)}" + (f"; {ceiling_line(cap)}" if cap.ceiling else ""))
         first = [r for r in todo if r.variant != "fes_da"]
         second = [r for r in todo if r.variant == "fes_da"]
-        for wave in (first, second):
-            if wave:  # fes_da (second wave) reuses only originals that FINISHED under this config
-                _run_wave(cfg, wave, res, tag, _finished(read_folds(folds_uri(storage, experiment)), tag))
+        with scaled(cap, run_bundles(res) * res.max_concurrent, cfg.cv.resource_timeout_s,
+                    f"{len(todo)} runs at cv.gpus_per_run={cfg.cv.gpus_per_run:g}", say):
+            for wave in (first, second):
+                if wave:  # fes_da (second wave) reuses only originals that FINISHED under this config
+                    _run_wave(cfg, wave, res, tag, _finished(read_folds(folds_uri(storage, experiment)), tag))
         return read_folds(folds_uri(storage, experiment))
 
 
@@ -222,7 +235,8 @@ def _run_wave(cfg: Config, wave: list[Run], res, tag: str, finished: set[tuple])
         run_config=tune.RunConfig(
             name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=f"{storage.rstrip('/')}/{experiment}",
-            failure_config=tune.FailureConfig(max_failures=cfg.cv.max_failures if res.workers == 0 else 0),
+            # worker mode too: a lost driver (its node preempted) restarts, and the run resumes from its checkpoint
+            failure_config=tune.FailureConfig(max_failures=cfg.cv.max_failures),
             callbacks=[RowWriter(storage, experiment), ProgressTable(len(wave))],
             verbose=0,
         ),

@@ -9,8 +9,10 @@ The trial builds a ``TorchTrainer`` named after the run and its config hash (``r
 Checkpoints live at ``<storage>/<experiment>/checkpoints/<run_key>/`` (``main.pt``, and ``fes_da.pt``
 for fes_da), one file each, replaced at every save, so a run keeps a bounded number of objects. With a
 local or NFS path ``fit_fold`` writes there directly. With object storage (s3://, gs://) it writes to a
-local folder, rank 0 uploads each save to the same place, and a run that starts again, on any node,
-downloads it and resumes. The checkpoints also carry the config hash, and ``fit_fold`` refuses one made
+local folder, rank 0 uploads each save to the same place in the background (:class:`Uploader`), and a run
+that starts again, on any node, downloads it and resumes. Besides every ``train.checkpoint_every`` epochs, a
+run saves at the end of the epoch in which Ray Train announces a preemption of one of its nodes
+(:func:`preemption_probe`). The checkpoints also carry the config hash, and ``fit_fold`` refuses one made
 under another config.
 
 Devices come from what Ray assigned to the run (:func:`choose_device`), never from what the node has.
@@ -88,6 +90,41 @@ def _local_checkpoints(home: str, key: str) -> Path:
     return ckdir
 
 
+def preemption_probe(local_mode: bool):
+    """``save_now`` for ``fit_fold``: true once Ray Train reports an imminent preemption of a node holding this
+    run's workers (``ray.train.get_preemption_info``, a collective every rank calls once per epoch), or once
+    this process got SIGTERM (where a handler can be installed: Train and Tune run the loop in a thread)."""
+    import signal
+    import threading
+
+    import ray.train
+
+    term = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: term.set())
+    info = None if local_mode else getattr(ray.train, "get_preemption_info", None)
+    return lambda: term.is_set() or bool(info and info() is not None)
+
+
+class Uploader:
+    """Checkpoint uploads to object storage in the background, one at a time: training goes on while the last
+    save travels. A file replaced while it uploads is read whole either way (saves are temp + rename)."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool, self.pending = ThreadPoolExecutor(max_workers=1), None
+
+    def submit(self, local: str, uri: str) -> None:
+        self.wait()
+        self.pending = self.pool.submit(upload, local, uri)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()  # an upload error fails the run here, never silently
+            self.pending = None
+
+
 def train_func(config: dict) -> None:
     """Ray Train per-worker function: fit one fold (plain PyTorch) and report through Ray."""
     import ray.train
@@ -108,7 +145,8 @@ def train_func(config: dict) -> None:
     home = checkpoint_home(config["storage"], config["experiment"], key)
     ckdir = _local_checkpoints(home, key)
     ckdir.mkdir(parents=True, exist_ok=True)
-    (ckdir / f"worker{rank or ''}.pid").write_text(str(os.getpid()))  # the fault-tolerance test finds us
+    (ckdir / f"worker{rank or ''}.pid").write_text(str(os.getpid()))  # the fault-tolerance tests find us
+    (ckdir / f"worker{rank or ''}.node").write_text(ray.get_runtime_context().get_node_id())
     init_from = config.get("init_from")
     if init_from and is_uri(init_from):  # fes_da: the original run's main.pt, read from the bucket
         init_from = str(download(init_from))
@@ -119,15 +157,18 @@ def train_func(config: dict) -> None:
     data = Path(cfg.data.root) / config["dataset"]
     uri = cfg.cv.tracking.mlflow if rank == 0 else None
     with track_fold(uri, cfg, config["dataset"], config["fold"], config["tag"], name, key) as mlflow:
+        uploads = Uploader()
+
         def report(metrics: dict, saved: str | None) -> None:
             if saved and is_uri(home) and rank == 0:
-                upload(saved, f"{home}/{Path(saved).name}")
+                uploads.submit(saved, f"{home}/{Path(saved).name}")
             if mlflow:
                 log_epoch(mlflow, metrics)
             report_fn({**metrics, "run": name})
 
         result = fit_fold(cfg, data, config["fold"], report=report, checkpoint_dir=ckdir, init_from=init_from,
-                          device=device, pretrained=pretrained)
+                          device=device, pretrained=pretrained, save_now=preemption_probe(local_mode))
+        uploads.wait()  # the last checkpoint is in the bucket before the run counts as finished
         if mlflow:
             log_result(mlflow, result)
     row = result_row(result, experiment=config["experiment"], tag=config["tag"], checkpoint_uri=home,

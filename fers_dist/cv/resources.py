@@ -101,6 +101,14 @@ def plan_resources(cv: CVConfig, cluster: dict, n_runs: int | None = None) -> Ru
                         max_concurrent=min(fit, n_runs) if n_runs else fit)
 
 
+def run_bundles(res: RunResources) -> list[dict]:
+    """What one run asks the autoscaler for: its Train workers' bundles (its driver is a sliver of a node that
+    is already up), or, in local mode, the trial's own."""
+    if not res.workers:
+        return [{k: v for k, v in (("CPU", res.trial["cpu"]), ("GPU", res.trial.get("gpu", 0))) if v}]
+    return [dict(res.worker) for _ in range(res.workers)]
+
+
 def alive_nodes() -> list[dict]:
     """Each alive node's resources (``CPU``, ``GPU``, …)."""
     import ray

@@ -292,6 +292,7 @@ def _run_trials(cfg: Config, studies: list[dict], storage, epochs: int, metrics:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
+    from fers_dist.cv.capacity import plan_capacity, scaled
     from fers_dist.cv.resources import (
         alive_nodes,
         check_device,
@@ -312,7 +313,8 @@ def _run_trials(cfg: Config, studies: list[dict], storage, epochs: int, metrics:
         check_gpu_memory(cfg, alive_nodes(), resources["gpu"], max_batch(cfg),
                          "tune.gpus_per_trial" if t.gpus_per_trial is not None else "cv.gpus_per_run", log,
                          tuning=True)
-        max_conc = concurrency(resources, free_resources(), t.max_concurrent)
+        cap = plan_capacity(cfg.cv, free_resources())  # what the autoscaler can add counts (cv/capacity.py)
+        max_conc = concurrency(resources, cap.plan, t.max_concurrent)
         use_asha = t.pruner == "asha" and not multi
         if t.pruner == "asha" and multi:
             log("tune: ASHA is not used for multi-objective studies (a stopped trial would sit on the Pareto "
@@ -352,7 +354,9 @@ def _run_trials(cfg: Config, studies: list[dict], storage, epochs: int, metrics:
         log(f"tune: {what}: {n} trial(s), {max_conc} at a time, {resources} each, {epochs} epochs x "
             f"{t.inner_folds} inner folds, sampler {t.sampler}, pruner {'asha' if asha else 'none'}")
         t0 = time.perf_counter()
-        grid = tuner.fit()
+        bundle = {"CPU": resources["cpu"], "GPU": resources["gpu"]}
+        with scaled(cap, [bundle] * min(max_conc, n), cfg.cv.resource_timeout_s, f"{n} tuning trials", log):
+            grid = tuner.fit()
         fit_s = time.perf_counter() - t0
         errors = [r.error for r in grid if r.error is not None]
         for e in errors[:3]:
