@@ -184,6 +184,41 @@ def test_onprem_launcher_runs_fixed_machines_on_a_shared_filesystem():
     assert args.shared_filesystem and args.storage.startswith("/mnt/shared/")
 
 
+def driver_resources_of(path: Path) -> list[tuple[str, dict]]:
+    """(node kind, custom resources) of every node a cluster file starts: launcher node types (the head's
+    `--resources` for provider: local), KubeRay groups' rayStartParams."""
+    out = []
+    for doc in load_docs(path):
+        if kind_of(doc) == "launcher" and "available_node_types" in doc:
+            out += [("head" if k == doc["head_node_type"] else k, t.get("resources", {}))
+                    for k, t in doc["available_node_types"].items()]
+        elif kind_of(doc) == "launcher":
+            flags = [re.search(r"--resources='([^']*)'", c) for c in doc["head_start_ray_commands"]]
+            out += [("head", json.loads(next(f.group(1) for f in flags if f)))]
+        elif doc["apiVersion"].startswith("ray.io/"):
+            out += [(n, json.loads(yaml.safe_load(g.get("rayStartParams", {}).get("resources", '"{}"'))))
+                    for n, g in groups(doc)]
+    return out
+
+
+@pytest.mark.parametrize("path", [*LAUNCHERS, *sorted({p for p, _ in RAY_DOCS})], ids=_rel)
+def test_fold_run_drivers_live_on_the_head_never_on_a_spot_node(path):
+    """cv.driver_resource: the head (never preempted) advertises it, no worker type does."""
+    from fers_dist.config import CVConfig
+
+    name = CVConfig().driver_resource
+    nodes = driver_resources_of(path)
+    assert [k for k, r in nodes if r.get(name, 0) >= 100] == ["head"], nodes
+
+
+def test_rayjob_tells_fers_cv_how_far_its_cluster_grows():
+    """KubeRay's autoscaler reads the RayCluster object, which a job cannot see: --max-gpus says it."""
+    args = rayjob_cv_args()
+    spec = cluster_spec(_only("RayJob"))
+    most = sum(g["maxReplicas"] * quantity(g["rayStartParams"].get("num-gpus", 0)) for g in spec["workerGroupSpecs"])
+    assert float(args[args.index("--max-gpus") + 1]) == most
+
+
 # -- security --------------------------------------------------------------------------------------
 def _port_ranges(rule: dict) -> list[tuple[int, int]]:
     if "IpProtocol" in rule:  # AWS IpPermission
