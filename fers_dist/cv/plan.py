@@ -67,8 +67,66 @@ def bench_throughput(cfg: Config, path: str) -> tuple[float, str]:
     return float(summary[key]), f"measured by fers bench gpu on {card} ({what}{note})"
 
 
+def _clusters(gpus: float | None, cluster: str | None, node_start_min: float) -> list[tuple[str, list]]:
+    """(label, [(hour, GPUs from then on)]) per cluster to plan for: ``--cluster FILE`` (a launcher config:
+    it starts with its head and min_workers, and grows to its ceiling once the nodes have started), else
+    ``--gpus N``, else fixed clusters of 1, 8 and 64 GPUs."""
+    if not cluster:
+        return [(f"{n:>3g} GPU(s)", [(0.0, n)]) for n in ([gpus] if gpus else [1, 8, 64])]
+    import yaml
+
+    from fers_dist.cv.capacity import ceiling_from_launcher
+
+    try:
+        config = yaml.safe_load(Path(cluster).read_text())
+        ceiling, _ = ceiling_from_launcher(config)
+        types, head = config["available_node_types"], config["head_node_type"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
+        raise FersError(f"--cluster {cluster}: not a Ray cluster launcher config ({type(e).__name__}: {e})") from None
+    start = sum(float(t.get("resources", {}).get("GPU", 0)) * (1 if k == head else int(t.get("min_workers", 0)))
+                for k, t in types.items())
+    most = ceiling.get("GPU", 0)
+    if not most:
+        raise FersError(f"--cluster {cluster}: its node types have no GPUs")
+    return [(f"{most:g} GPU(s) ({Path(cluster).name}: {start:g} at start)", [(0.0, start), (node_start_min / 60, most)])]
+
+
+def simulate(work: list[tuple[float, bool]], gpus_per_run: float, timeline: list[tuple[float, float]]
+             ) -> tuple[float, int]:
+    """Wall-clock hours and the most runs at once for ``work`` ((hours on a whole GPU, is fes_da) per run),
+    packed as Ray packs: each run into the lowest-numbered card with room (fractional runs fill one card
+    before the next; a run of n >= 1 GPUs takes n cards), a card's throughput shared by its runs, the GPUs
+    of ``timeline`` ((from hour, GPUs)), and the fes_da wave only after the first wave has finished."""
+    per_card = max(1, math.floor(1 / gpus_per_run + 1e-9)) if gpus_per_run < 1 else 1
+    cards_per_run = max(1, math.ceil(gpus_per_run - 1e-9))
+    waves = [[h for h, fes in work if not fes], [h for h, fes in work if fes]]
+    t, peak, active = 0.0, 0, []  # active: [hours left, card]
+    for queue in waves:  # the barrier: the next wave starts when this one is done
+        queue = list(queue)
+        while queue or active:
+            units = int(max(n for at, n in timeline if at <= t + 1e-12) // cards_per_run)
+            load = [sum(1 for _, c in active if c == u) for u in range(units)]
+            for u in range(units):
+                while queue and load[u] < per_card:
+                    active.append([queue.pop(0), u])
+                    load[u] += 1
+            peak = max(peak, len(active))
+            arrival = min((at for at, _ in timeline if at > t + 1e-12), default=math.inf)
+            if not active and arrival == math.inf:
+                raise FersError("the cluster has no GPUs to plan for (--gpus, --cluster)")
+            step = min([left * load[c] for left, c in active], default=math.inf)
+            if arrival - t <= step:  # nodes join first: land exactly on their hour
+                step, t = arrival - t, arrival
+            else:
+                t += step
+            for a in active:
+                a[0] -= step / load[a[1]]
+            active = [a for a in active if a[0] > 1e-9]
+    return t, peak
+
+
 def print_plan(cfg: Config, runs: list, images_per_s: float | None = None, gpus: float | None = None,
-               bench: str | None = None) -> dict:
+               bench: str | None = None, cluster: str | None = None, node_start_min: float = 5.0) -> dict:
     ips, source = PROJECTED_IMAGES_PER_S, "projected from counted FLOPs at 35% MFU: no GPU figure given (--bench)"
     if images_per_s:
         ips, source = images_per_s, "measured (--images-per-s)"
@@ -86,15 +144,17 @@ def print_plan(cfg: Config, runs: list, images_per_s: float | None = None, gpus:
         print(f"  {ds}: {n} images ({src}), {cfg.data.n_folds} folds, {cfg.train.epochs} epochs")
     print(f"throughput: {ips:.0f} training images/s per full GPU ({source})")
     out = {"runs": len(runs), "run_hours": sum(per.values())}
-    for n_gpus in ([gpus] if gpus else [1, 8, 64]):
-        share = min(per_gpu, math.ceil(len(runs) / n_gpus))  # runs actually sharing one GPU
-        slots = int(n_gpus * share)
-        # runs sharing a GPU each get 1/share of it, so a packed run takes share times longer
-        waves = math.ceil(len(runs) / slots)
-        wall = max(sum(per.values()) / n_gpus, max(per.values()) * share) if runs else 0
-        print(f"  {n_gpus:>3} GPU(s): {slots} concurrent runs ({share} per GPU), ~{waves} waves, "
-              f"wall clock ≈ {wall:.2f} h, {sum(per.values()):.1f} GPU-hours")
-        out[f"wall_h_{n_gpus}"] = wall
+    work = [(per[(r.dataset, r.variant, r.fold, r.seed)], r.variant == "fes_da") for r in runs]
+    g = cfg.cv.gpus_per_run or 1.0  # a CPU run is priced as one GPU's worth of work
+    for label, timeline in _clusters(gpus, cluster, node_start_min):
+        wall, peak = simulate(work, g, timeline)
+        print(f"  {label}: up to {peak} runs at once ({per_gpu} per GPU), wall clock ≈ {wall:.2f} h, "
+              f"{sum(per.values()):.1f} GPU-hours")
+        out[f"wall_h_{label.split(' ')[0]}"] = wall
+    print("  (assumes: Ray fills one card with fractional runs before the next, a packed card's throughput is "
+          "shared by its runs, fes_da starts only after every original has finished, runs start the moment a "
+          "slot is free, no failures or preemptions" + (f", new nodes join {node_start_min:g} min after fers cv "
+                                                      f"asks for them" if cluster else "") + ")")
     print(f"paper's sequential cost: ~5 h per model on a GTX 1080 Ti -> ~{len(runs) * 5} GPU-hours")
     if cfg.cv.gpus_per_run > 0 and runs:
         w = max(1, cfg.cv.workers_per_run)
