@@ -7,6 +7,10 @@
 - ``s3``: a moto server on 127.0.0.1 and a free port, reached as ``s3://BUCKET/...`` through the
   standard ``AWS_ENDPOINT_URL`` (set before the cluster starts, so every node's workers inherit it).
 
+- ``autoscaling``: Ray's real autoscaler with its ``fake_multinode`` provider, which launches fake nodes as
+  local raylets: a CPU-only head and a worker type of 1 CPU + 1 logical GPU, ``min_workers: 0``,
+  ``max_workers: 3`` (the recipe and its traps: ../shared/RAY-NOTES.md). Its GCS must sit on 6379; it is
+  torn down by killing exactly its own processes (``ray stop --force`` would stop every Ray of the user).
 - ``mlflow_server``: a real ``mlflow server`` (sqlite backend, artifacts served from a temporary folder)
   on 127.0.0.1 and a free port.
 
@@ -16,10 +20,12 @@ Everything listens on loopback only and is stopped at the end, also when a test 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -121,3 +127,81 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+FAKE_NODE_ID_PREFIX = "f" * 51 + "0"  # the fake provider's node ids: fff...f00000 (head), fff...f00001, ...
+FAKE_CONFIG = {
+    "cluster_name": "fers-fake", "max_workers": 3, "idle_timeout_minutes": 5, "upscaling_speed": 1.0,
+    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                 "disable_launch_config_check": True},
+    "auth": {}, "docker": {}, "head_node_type": "ray.head.default",
+    "available_node_types": {
+        "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+        "ray.worker.gpu": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 3}},
+    "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [],
+    "rsync_filter": [], "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+    "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": []}
+
+
+def kill_processes_matching(*keys: str) -> list[int]:
+    """SIGTERM, then SIGKILL, every process whose command line holds one of ``keys``, with its descendants."""
+    table = {}
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        table[int(d)] = (ppid, cmd)
+    hit = {p for p, (_, cmd) in table.items() if p != os.getpid() and any(k in cmd for k in keys)}
+    while True:
+        more = {p for p, (pp, _) in table.items() if pp in hit} - hit
+        if not more:
+            break
+        hit |= more
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in hit:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
+    return sorted(hit)
+
+
+@pytest.fixture
+def autoscaling(tmp_path_factory):
+    import ray
+    import yaml
+    from conftest import start_local_ray
+
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 6379)) == 0:
+            pytest.skip("port 6379 is taken: the fake_multinode provider needs its GCS there")
+    root = Path(tempfile.mkdtemp(prefix="fers-as-"))  # short: Ray's socket paths live under it
+    config = tmp_path_factory.mktemp("autoscaler") / "fake.yaml"
+    config.write_text(yaml.safe_dump(FAKE_CONFIG))
+    # token auth as Ray defaults to: every process, this one included, reads the same ~/.ray/auth_token
+    env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    had_local = ray.is_initialized()
+    ray.shutdown()
+    os.environ.update(env)
+    try:
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", "--port=6379",
+                        "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false",
+                        "--disable-usage-stats", f"--temp-dir={root}", f"--autoscaling-config={config}"],
+                       check=True, capture_output=True, timeout=120)
+        ray.init(address="127.0.0.1:6379", log_to_driver=False, configure_logging=False)
+        yield SimpleNamespace(config=FAKE_CONFIG, address="127.0.0.1:6379")
+    finally:
+        ray.shutdown()
+        kill_processes_matching(str(root), FAKE_NODE_ID_PREFIX)
+        shutil.rmtree(root, ignore_errors=True) if not os.environ.get("FERS_KEEP_RAY_LOGS") else None
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if had_local:
+            start_local_ray()
