@@ -175,9 +175,6 @@ def autoscaling(tmp_path_factory):
     import yaml
     from conftest import start_local_ray
 
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", 6379)) == 0:
-            pytest.skip("port 6379 is taken: the fake_multinode provider needs its GCS there")
     root = Path(tempfile.mkdtemp(prefix="fers-as-"))  # short: Ray's socket paths live under it
     config = tmp_path_factory.mktemp("autoscaler") / "fake.yaml"
     config.write_text(yaml.safe_dump(FAKE_CONFIG))
@@ -188,6 +185,9 @@ def autoscaling(tmp_path_factory):
     ray.shutdown()
     os.environ.update(env)
     try:
+        with socket.socket() as s:  # checked once the session's own Ray is down
+            if s.connect_ex(("127.0.0.1", 6379)) == 0:
+                pytest.skip("port 6379 is taken: the fake_multinode provider needs its GCS there")
         subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", "--port=6379",
                         "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false",
                         "--disable-usage-stats", f"--temp-dir={root}", f"--autoscaling-config={config}"],
@@ -197,7 +197,8 @@ def autoscaling(tmp_path_factory):
     finally:
         ray.shutdown()
         kill_processes_matching(str(root), FAKE_NODE_ID_PREFIX)
-        shutil.rmtree(root, ignore_errors=True) if not os.environ.get("FERS_KEEP_RAY_LOGS") else None
+        if not os.environ.get("FERS_KEEP_RAY_LOGS"):  # set it to read the cluster's logs after a failure
+            shutil.rmtree(root, ignore_errors=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
