@@ -19,6 +19,7 @@ from fers_dist.storage import filesystem
 
 KEY = ["dataset", "variant", "fold", "seed", "config_hash", "tag"]
 PRETRAINED_TAG = "pretrained"  # rows of runs started from a pre-trained model (train.init_from)
+SHOWCASE_TAG = "showcase"  # fers demo's one longer synthesis run per dataset (Fig. 4 and Table V)
 JSON_COLUMNS = ("gate_means", "gate_maps", "history", "config")
 
 

@@ -27,6 +27,7 @@ class Run:
     fold: int
     seed: int | None = None  # cv.seeds: this repeat's train.seed (None: the config's own)
     cfg: Config | None = field(default=None, compare=False, repr=False)  # its own config (a tuned fold), else the grid's
+    tag: str | None = None  # its rows' tag, else run_cv's (a demo's showcase run beside the grid, in one Tune run)
 
     def config(self, grid: Config) -> Config:
         base = self.cfg or grid
@@ -138,8 +139,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str | None = None, address: str | None = None):
-    """Run every unfinished run of ``cfg``'s grid; returns the experiment's folds.parquet as a frame. ``tag``
-    (the rows' tag): default ``pretrained`` for runs starting from ``train.init_from``, else ``paper``."""
+    """Run every unfinished run of ``cfg``'s grid (or ``runs``); returns the experiment's folds.parquet as a
+    frame. ``tag`` (the rows' tag, where a Run names none): default ``pretrained`` for runs starting from
+    ``train.init_from``, else ``paper``."""
     from fers_dist.cv.capacity import describe as ceiling_line
     from fers_dist.cv.capacity import driver_resources, plan_capacity, scaled
     from fers_dist.cv.resources import (
@@ -171,8 +173,8 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str | None = None, a
         check_fits_one_node(cfg.cv, nodes + cap.node_types)
         w = max(1, cfg.cv.workers_per_run)
         check_gpu_memory(cfg, nodes, cfg.cv.gpus_per_run / w, cfg.train.batch_size // w, "cv.gpus_per_run", log=say)
-        done = _finished(read_folds(folds_uri(storage, experiment)), tag)
-        todo = [r for r in runs if (r.dataset, r.variant, r.fold, r.config(cfg).hash()) not in done]
+        done = _finished(read_folds(folds_uri(storage, experiment)))
+        todo = [r for r in runs if (r.dataset, r.variant, r.fold, r.config(cfg).hash(), r.tag or tag) not in done]
         say(f"fers cv: {experiment}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run")
         res = plan_resources(cfg.cv, cap.plan, len(todo) or None)
         if res.workers:  # the driver (Tune trial + Train controller) on a node that is never preempted
@@ -184,16 +186,16 @@ def run_cv(cfg: Config, runs: list[Run] | None = None, tag: str | None = None, a
                     f"{len(todo)} runs at cv.gpus_per_run={cfg.cv.gpus_per_run:g}", say):
             for wave in (first, second):
                 if wave:  # fes_da (second wave) reuses only originals that FINISHED under this config
-                    _run_wave(cfg, wave, res, tag, _finished(read_folds(folds_uri(storage, experiment)), tag))
+                    _run_wave(cfg, wave, res, tag, _finished(read_folds(folds_uri(storage, experiment))))
         return read_folds(folds_uri(storage, experiment))
 
 
-def _finished(frame, tag: str) -> set[tuple]:
-    """(dataset, variant, fold, config hash) of every finished run with this tag."""
+def _finished(frame) -> set[tuple]:
+    """(dataset, variant, fold, config hash, tag) of every finished run."""
     if not len(frame):
         return set()
-    mine = frame[(frame["status"] == "finished") & (frame["tag"] == tag)]
-    return set(zip(mine["dataset"], mine["variant"], mine["fold"], mine["config_hash"]))
+    done = frame[frame["status"] == "finished"]
+    return set(zip(done["dataset"], done["variant"], done["fold"], done["config_hash"], done["tag"]))
 
 
 def _trial_name(trial) -> str:
@@ -215,15 +217,16 @@ def _run_wave(cfg: Config, wave: list[Run], res, tag: str, finished: set[tuple])
     storage, experiment = cfg.cv.storage, cfg.cv.experiment
     configs = []
     for r in wave:
-        run_cfg = r.run_config(cfg)
+        run_cfg, run_tag = r.run_config(cfg), r.tag or tag
         h = run_cfg.hash()
         init_from = None
-        if r.variant == "fes_da" and (r.dataset, "original", r.fold, h) in finished:
+        if r.variant == "fes_da" and (r.dataset, "original", r.fold, h, run_tag) in finished:
             # reuse the original model of the same fold and config (same hash), never a half-trained one
-            home = checkpoint_home(storage, experiment, run_key(r.dataset, "original", r.fold, tag, h, run_cfg.train.seed))
+            home = checkpoint_home(storage, experiment, run_key(r.dataset, "original", r.fold, run_tag, h,
+                                                                run_cfg.train.seed))
             main = f"{home}/main.pt"
             init_from = main if exists(main) else None
-        configs.append({"dataset": r.dataset, "variant": r.variant, "fold": r.fold, "tag": tag,
+        configs.append({"dataset": r.dataset, "variant": r.variant, "fold": r.fold, "tag": run_tag,
                         "cfg": run_cfg.model_dump(mode="json"), "storage": storage, "experiment": experiment,
                         "workers": res.workers, "worker": res.worker, "max_failures": cfg.cv.max_failures,
                         "init_from": init_from})

@@ -88,9 +88,12 @@ def summary_table(frame) -> str:
     if frame is None or not len(frame):
         return "(no finished runs)"
     done = frame[frame["status"] == "finished"]
-    lines = [f"{'dataset':<8} {'variant':<11} {'accuracy (%)':>16}  folds"]
-    for (ds, var), g in done.groupby(["dataset", "variant"], sort=True):
+    tags = done["tag"] if "tag" in done.columns else "paper"
+    done = done.assign(_label=done["variant"].where(tags == "paper", done["variant"] + " (" + tags + ")"))
+    width = max([11, *map(len, done["_label"])])
+    lines = [f"{'dataset':<8} {'variant':<{width}} {'accuracy (%)':>16}  folds"]
+    for (ds, var), g in done.groupby(["dataset", "_label"], sort=True):  # another tag is another experiment
         acc = g["accuracy"] * 100
         std = acc.std(ddof=1) if len(acc) > 1 else 0.0
-        lines.append(f"{ds:<8} {var:<11} {acc.mean():>8.2f} ± {std:5.2f}  {len(acc)}")
+        lines.append(f"{ds:<8} {var:<{width}} {acc.mean():>8.2f} ± {std:5.2f}  {len(acc)}")
     return "\n".join(lines)
