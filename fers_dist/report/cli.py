@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fers_dist.errors import FersError
 from fers_dist.io import atomic_write_text
+from fers_dist.results import SHOWCASE_TAG
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,7 +50,8 @@ def mean_gate_maps(rows) -> dict:
 
 
 def _synthesis_figure(frame, dataset: str, exp_dir: Path, fig_dir: Path, data_root, faces_cache: dict):
-    """Fig. 4 for one dataset from its lowest-fold original (else fes_da) checkpoint and its test faces."""
+    """Fig. 4 for one dataset from its lowest-fold original (else fes_da) checkpoint and its test faces; a run
+    tagged ``showcase`` (``fers demo``'s longer synthesis run) is drawn first."""
     import torch
 
     from fers_dist.data.loader import split_fold
@@ -63,7 +65,8 @@ def _synthesis_figure(frame, dataset: str, exp_dir: Path, fig_dir: Path, data_ro
                   & frame["variant"].isin(["original", "fes_da"])]
     if cands.empty:
         return None
-    cands = cands.assign(_v=cands["variant"] != "original").sort_values(["_v", "fold"])
+    cands = cands.assign(_s=cands["tag"] != SHOWCASE_TAG, _v=cands["variant"] != "original").sort_values(
+        ["_s", "_v", "fold"])
     row = cands.iloc[0]
     cfg = row_config(row)
     key = (dataset, str(data_root or cfg.data.root))

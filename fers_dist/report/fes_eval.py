@@ -63,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", nargs="+", type=int, help="only these folds (default: every finished one)")
     p.add_argument("--variants", nargs="+", default=["original", "fes_da"], choices=["original", "fes_da"],
                    help="whose checkpoints synthesise (fes_da uses its fine-tuned fes_da.pt)")
+    p.add_argument("--tags", nargs="+", help="only runs with these tags, e.g. showcase (default: every tag)")
     p.add_argument("--recogniser-epochs", type=int, help="default: train.epochs of the run config")
     p.add_argument("--identity", choices=["auto", "dlib", "lightcnn"], default="auto",
                    help="identity embedding: dlib where installed and it finds the face, else LightCNN-9")
@@ -73,17 +74,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the paper scores Table V (CK+ leaves contempt out), or all classes")
 
 
-def select_rows(frame, datasets=None, folds=None, variants=("original", "fes_da")):
+def select_rows(frame, datasets=None, folds=None, variants=("original", "fes_da"), tags=None):
     rows = frame[(frame["status"] == "finished") & frame["variant"].isin(list(variants))]
     if datasets:
         rows = rows[rows["dataset"].isin(datasets)]
     if folds is not None:
         rows = rows[rows["fold"].isin(folds)]
+    if tags:
+        rows = rows[rows["tag"].isin(tags)]
     return rows.assign(_fes_da=rows["variant"] == "fes_da").sort_values(["dataset", "fold", "_fes_da"]).drop(
         columns="_fes_da")
 
 
 def run(args: argparse.Namespace) -> int:
+    out = evaluate(args.experiment_dir, **{k: getattr(args, k) for k in EVAL_OPTIONS})
+    print(f"wrote {str(args.experiment_dir).rstrip('/')}/fes_eval.parquet and fes_eval.csv ({len(out)} runs)")
+    return 0
+
+
+EVAL_OPTIONS = ("data_root", "datasets", "folds", "variants", "tags", "recogniser_epochs", "identity",
+                "identity_faces", "device", "targets")
+
+
+def evaluate(experiment_dir, data_root=None, datasets=None, folds=None, variants=("original", "fes_da"), tags=None,
+             recogniser_epochs=None, identity="auto", identity_faces=None, device=None, targets="basic6",
+             log=print) -> list[dict]:
+    """Table V for every selected run of ``experiment_dir`` (the options are ``fers fes-eval``'s flags);
+    each result is added to fes_eval.parquet as soon as it is measured. Returns the result dicts."""
     from tqdm import tqdm
 
     from fers_dist.report.experiment import FES_FILE, fetch_experiment, load_rows
@@ -91,27 +108,27 @@ def run(args: argparse.Namespace) -> int:
     from fers_dist.storage import is_uri, upload
     from fers_dist.train.fes_eval import fes_eval_fold
 
-    remote = str(args.experiment_dir).rstrip("/") if is_uri(str(args.experiment_dir)) else None
-    exp_dir = fetch_experiment(remote) if remote else Path(args.experiment_dir)
-    rows = select_rows(load_rows(exp_dir), args.datasets, args.folds, args.variants)
+    remote = str(experiment_dir).rstrip("/") if is_uri(str(experiment_dir)) else None
+    exp_dir = fetch_experiment(remote) if remote else Path(experiment_dir)
+    rows = select_rows(load_rows(exp_dir), datasets, folds, variants, tags)
     if rows.empty:
-        raise FersError(f"{exp_dir / 'folds.parquet'}: no finished {'/'.join(args.variants)} run matches "
-                        f"--datasets {args.datasets or 'all'} --folds {args.folds or 'all'}")
+        raise FersError(f"{exp_dir / 'folds.parquet'}: no finished {'/'.join(variants)} run matches "
+                        f"--datasets {datasets or 'all'} --folds {folds or 'all'} --tags {tags or 'all'}")
     ckpts = [generator_checkpoint(r, exp_dir) for _, r in rows.iterrows()]  # every one exists, before any work
     faces, caches, out = {}, {}, []
     for (_, row), ckpt in zip(tqdm(list(rows.iterrows()), desc="fes-eval", unit="run", file=sys.stderr), ckpts):
         cfg = row_config(row)
-        root = str(args.data_root or cfg.data.root)
+        root = str(data_root or cfg.data.root)
         if (row["dataset"], root) not in faces:
             faces[(row["dataset"], root)] = load_row_faces(row, root)
         key = (row["dataset"], int(row["fold"]), row["config_hash"])  # one recogniser per fold and config
-        epochs = args.recogniser_epochs or cfg.train.epochs
+        epochs = recogniser_epochs or cfg.train.epochs
         rec_ckpt = (exp_dir / "fes_eval" /
                     f"recogniser-{row['dataset']}-f{row['fold']}-{row['config_hash']}-e{epochs}.pt")
         res = fes_eval_fold(cfg, faces[(row["dataset"], root)], int(row["fold"]), ckpt, recogniser_epochs=epochs,
-                            recogniser_checkpoint=rec_ckpt, identity=args.identity,
-                            identity_faces=args.identity_faces, device=args.device,
-                            cache=caches.setdefault(key, {}), targets=args.targets)
+                            recogniser_checkpoint=rec_ckpt, identity=identity,
+                            identity_faces=identity_faces, device=device,
+                            cache=caches.setdefault(key, {}), targets=targets)
         res.update(variant=row["variant"], config_hash=row["config_hash"], tag=row["tag"], checkpoint=str(ckpt),
                    finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_results(exp_dir, [res])
@@ -119,10 +136,10 @@ def run(args: argparse.Namespace) -> int:
             for name in (FES_FILE, "fes_eval.csv"):
                 upload(exp_dir / name, f"{remote}/{name}")
         out.append(res)
-        print(f"{row['dataset']} {row['variant']} fold {row['fold']}: {100 * res['accuracy']:.2f}% on "
-              f"{res['n_synth_images']} synthesised faces (recogniser on real test: "
-              f"{100 * res['recogniser_real_accuracy']:.2f}%), identity cosine {res['identity_cosine']:.3f} "
-              f"({res['identity_method']})")
-    print(f"wrote {remote or exp_dir}/fes_eval.parquet and fes_eval.csv ({len(out)} runs)")
-    return 0
+        log(f"{row['dataset']} {row['variant']} ({row['tag']}) fold {row['fold']}: cross-expression "
+            f"{100 * res['accuracy_cross']:.2f}% (chance {100 / len(res['class_names']):.2f}%), all targets "
+            f"{100 * res['accuracy']:.2f}% on {res['n_synth_images']} synthesised faces (recogniser on real test: "
+            f"{100 * res['recogniser_real_accuracy']:.2f}%), identity cosine {res['identity_cosine']:.3f} "
+            f"({res['identity_method']})")
+    return out
 

@@ -240,20 +240,21 @@ def fes_table(fes: pd.DataFrame | None) -> Table | None:
     for (d, label), part in _fes_groups(fes):
         methods = ", ".join(sorted(set(part["identity_method"].astype(str))))
         paper = TABLE_V_FES.get(d)
+        chance = 100 / len(part["class_names"].iloc[0])  # the recogniser picks one of the dataset's classes
         rows.append([dataset_name(d), label, " ".join(map(str, part["fold"])), _pm(part["accuracy_cross"]),
-                     _pm(part["accuracy"]), _pm(part["recogniser_real_accuracy"]),
+                     f"{chance:.2f}", _pm(part["accuracy"]), _pm(part["recogniser_real_accuracy"]),
                      (f"{_num(part['identity_cosine'].mean())} vs {_num(part['identity_cosine_other'].mean())} "
                       f"({methods}; {int(part['identity_pairs'].sum())} pairs)"),
                      DASH if paper is None else f"{paper:.2f}"])
         data.append({"dataset": d, "label": label, "folds": " ".join(map(str, part["fold"])),
                      "accuracy": 100 * part["accuracy"].mean(), "accuracy_std": 100 * mean_std(part["accuracy"])[1],
-                     "accuracy_cross": 100 * part["accuracy_cross"].mean(),
+                     "accuracy_cross": 100 * part["accuracy_cross"].mean(), "chance": chance,
                      "recogniser_real_accuracy": 100 * part["recogniser_real_accuracy"].mean(),
                      "identity_cosine": part["identity_cosine"].mean(),
                      "identity_cosine_other": part["identity_cosine_other"].mean(), "identity_method": methods,
                      "paper": paper})
     return Table("table5_fes", "FES evaluation (Table V protocol): independent recogniser on synthesised test faces",
-                 ["dataset", "run", "folds", "cross-expression accuracy (%)", "all targets incl. own (%)",
+                 ["dataset", "run", "folds", "cross-expression accuracy (%)", "chance (%)", "all targets incl. own (%)",
                   "recogniser on real test (%)", "identity cosine: own vs other subjects (method)", "paper (%)"],
                  rows, pd.DataFrame(data),
                  "recogniser: no_mtl trained on the fold's real training faces only; targets: "

@@ -40,9 +40,12 @@ def train_recogniser(cfg, train, fold: int, epochs: int | None = None, checkpoin
     from fers_dist.train.trainer import Trainer
 
     rcfg = cfg.with_overrides({"model.variant": "no_mtl"})
+    seed = cfg.train.seed * 1000 + fold + RECOGNISER_SEED_OFFSET
     g = torch.Generator(device=train.images.device)
-    g.manual_seed(cfg.train.seed * 1000 + fold + RECOGNISER_SEED_OFFSET)
-    trainer = Trainer(rcfg, train, g, objective="cls", epochs=epochs or cfg.train.epochs, log=log)
+    g.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # its initial weights from its own seed, whatever ran before
+        torch.manual_seed(seed)
+        trainer = Trainer(rcfg, train, g, objective="cls", epochs=epochs or cfg.train.epochs, log=log)
     trainer.fit(checkpoint)
     return trainer.model.eval()
 
