@@ -364,22 +364,28 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     if path is None:
         cfg = Config()
     else:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
-        cfg = parse_config(data, source=str(path))
+        cfg = parse_config(read_yaml(path), source=str(path))
     cfg = cfg.with_overrides(overrides) if overrides else cfg
     return cfg.with_overrides(parse_sets(sets), source="--set") if sets else cfg
+
+
+def read_yaml(path: str | os.PathLike) -> dict | None:
+    """A config file's mapping of sections (None if empty); unreadable or invalid YAML, or another top
+    level, is a one-line ConfigError naming the file (and the line)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:

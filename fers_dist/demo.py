@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from fers_dist.config import CONFIG_DIR, DEMO_YAML, ConfigError, add_set_argument
+from fers_dist.config import CONFIG_DIR, DEMO_YAML, ConfigError, add_set_argument, read_yaml
 from fers_dist.errors import FersError
 from fers_dist.results import SHOWCASE_TAG
 
@@ -57,13 +57,8 @@ class _Steps:
 
 def showcase_overrides(path: Path = SHOWCASE_YAML) -> dict:
     """The showcase run's settings over the demo config: the YAML's sections flattened to dotted keys."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read the showcase config ({e})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+    data = read_yaml(path) or {}
+    if not all(isinstance(v, dict) for v in data.values()):
         raise ConfigError(f"{path}: expected a mapping of sections (model:, train:, ...) like the other configs")
     return {f"{section}.{key}": value for section, fields in data.items() for key, value in fields.items()}
 
