@@ -17,6 +17,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "train": ("fers_dist.train.bench", "full-objective training step: images/s, peak memory, MFU"),
     "cv": ("fers_dist.cv.bench", "a small CV grid through Ray vs serially in plain PyTorch"),
     "tune": ("fers_dist.tune.bench", "Ray Tune + Optuna vs plain Optuna; ASHA savings"),
+    "length": ("fers_dist.length_bench", ("original vs no_mtl and Table V at several training lengths "
+                                             "(the demo's synthetic CK+, folds 0-4); --plot draws it")),
     "gpu": ("fers_dist.train.gpu_bench", ("every GPU figure in one call: eager/compiled, bf16/fp32, MFU, memory, "
                                           "packed runs (+MPS), a 20-epoch fold; --tiny rehearses it anywhere")),
 }

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fes-eval": ("fers_dist.report.fes_eval", "FES evaluation, the paper's Table V protocol"),
     "submit": ("fers_dist.submit", "submit a job to a Ray cluster (ray job submit)"),
     "demo": ("fers_dist.demo", "the whole pipeline on the embedded synthetic faces"),
-    "bench": ("fers_dist.bench", "benchmarks: model, prepare, train, cv, tune (prints JSON)"),
+    "bench": ("fers_dist.bench", "benchmarks: model, prepare, train, cv, tune, length, gpu (prints JSON)"),
 }
 
 EPILOG = """examples:

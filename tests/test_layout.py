@@ -19,7 +19,7 @@ PKG = ROOT / "fers_dist"
 # Layer of each top-level name under fers_dist (a package or a module). The shared helpers sit at the bottom.
 LAYERS = {name: 0 for name in ("__init__", "errors", "io", "config", "paths", "results", "storage", "provenance", "tracking",
                                 "cpustat", "plotting")}
-LAYERS.update(data=1, model=2, train=3, cv=4, tune=5, report=6, demo=7, submit=7, bench=7, cli=7)
+LAYERS.update(data=1, model=2, train=3, cv=4, tune=5, report=6, demo=7, submit=7, bench=7, length_bench=7, cli=7)
 RAY_HOMES = ("fers_dist.data.prepare", "fers_dist.cv", "fers_dist.tune", "fers_dist.submit")
 SIDEWAYS = {"report": ("cv", "tune")}  # lower, yet not needed: the report reads Parquet and checkpoints
 
