@@ -63,7 +63,8 @@ def bench(args: argparse.Namespace) -> dict:
         done = frame[(frame["tag"] == f"e{epochs}") & (frame["status"] == "finished")]
         acc = {v: done[done["variant"] == v]["accuracy"] for v in ("original", "no_mtl")}
         cross = [r["accuracy_cross"] for r in fes if r["tag"] == f"e{epochs}"]
-        rows.append({"epochs": epochs, "steps_per_run": epochs * -(-int(done["n_train_images"].mean())
+        # the trainer runs only full batches (the remainder is skipped each epoch)
+        rows.append({"epochs": epochs, "steps_per_run": epochs * (int(done["n_train_images"].mean())
                                                                   // cfg.train.batch_size),
                      **{f"{v}_mean": round(float(a.mean()), 4) for v, a in acc.items()},
                      **{f"{v}_std": round(float(a.std(ddof=1)), 4) for v, a in acc.items()},
