@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 TINY = {"width": 8, "input_size": 32, "batch": 4, "steps": 2, "warmup": 1, "packed": 2, "fold_epochs": 2,
-        "images": 96, "subjects": 12, "warm_up_s": 30}
+        "images": 48, "subjects": 12, "warm_up_s": 12}  # a late starter only lowers the packed total
 PAPER = {"width": 256, "input_size": 96, "batch": 64, "steps": 20, "warmup": 5, "packed": 4, "fold_epochs": 20,
          "images": 981, "subjects": 118, "warm_up_s": 45}  # CK+: paper Table I
 SECTION_S = {"step": 60, "compiled": 240, "packed": 90, "fold": 120}  # budgeted seconds per section (GPU)
