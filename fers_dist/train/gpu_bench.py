@@ -70,6 +70,9 @@ def _packed(sc: dict, device: str, n: int, env: dict | None = None) -> dict:
     extra = ["--start-at", str(time.time() + sc["warm_up_s"])]  # timing starts once every process is warm
     if device != "cpu":
         extra += ["--memory-fraction", f"{1 / n:.4f}"]
+    else:  # CPU processes share the cores: oversubscribed OpenMP threads spin against each other (measured:
+        # the tiny rehearsal's packed section took 47-100 s with 2 x 2 threads on 2 cores)
+        env = dict(env or os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // n)))
     cmd = _train_cmd(dict(sc, steps=sc["steps"] * 3), device, extra)  # a longer window: the overlap dominates
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(n)]
