@@ -115,7 +115,8 @@ def test_pretrain_on_bu4dfe_then_cv_from_it_fills_the_reports_slot(demo_cfg, pre
 
     assert main(["cv", "--config", "jobs/configs/demo.yaml", "--data-root", str(prepared_data), "--storage",
                  str(storage), "--experiment", "pre", "--datasets", "ckplus", "--variants", "original",
-                 "--folds", "0", *common, "--set", "train.init_from=pretrained"]) == 0
+                 "--folds", "0", *common, "--set", "train.init_from=pretrained",
+                 "--set", "cv.workers_per_run=0"]) == 0  # Train's local mode: the fold, not the worker, is tested
     rows = pd.read_parquet(storage / "pre" / "folds.parquet")
     assert list(rows["tag"]) == ["pretrained"] and list(rows["status"]) == ["finished"]
     assert rows["pretrained_from"].iloc[0] == str(home / "main.pt")

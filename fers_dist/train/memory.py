@@ -91,8 +91,9 @@ def probe_key(cfg) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _probe(cfg_json: str, E: int, bf16: bool) -> tuple[int, int, int]:
-    """(saved activation bytes per image, trainable parameters, frozen parameters) of one step."""
+def _probe(cfg_json: str, E: int, bf16: bool, fake: bool = True) -> tuple[int, int, int]:
+    """(saved activation bytes per image, trainable parameters, frozen parameters) of one step, on fake
+    tensors (``fake=False``: a real step, which the tests compare it with)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fers_dist.config import parse_config
@@ -123,8 +124,8 @@ def _probe(cfg_json: str, E: int, bf16: bool) -> tuple[int, int, int]:
 
     t._update = update
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # the faces and sampler stay real, and cheap
-        for m in modules:
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext() as mode:
+        for m in modules if fake else ():  # the faces and the target sampler stay real, and cheap
             _fake_parameters(m, mode)
         params = {p.untyped_storage()._cdata for m in modules for p in m.parameters()}
 
