@@ -61,14 +61,22 @@ def folds_uri(storage: str, experiment: str) -> str:
 
 
 def read_folds(uri: str) -> pd.DataFrame:
-    """Read a folds.parquet (path or URI). Missing file -> empty frame."""
+    """Read a folds.parquet (path or URI). Missing file -> empty frame.
+
+    The file is read whole through one opened stream (one open file, one GET), never by path: a writer
+    may replace it at any moment (``append_rows``), and pyarrow's reader by path takes the size from one
+    look at the file and the bytes from a later open, so it could mix the old file's length with the new
+    file's bytes ("Page was smaller than expected", seen while a driver was appending)."""
+    import pyarrow as pa
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     fs, path = filesystem(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return pd.DataFrame()
-    return pq.read_table(path, filesystem=fs).to_pandas()
+    with fs.open_input_stream(path, compression=None) as f:
+        data = f.readall()
+    return pq.read_table(pa.BufferReader(data)).to_pandas()
 
 
 def append_rows(storage: str, experiment: str, rows: list[dict]) -> str:

@@ -67,3 +67,37 @@ def test_expand_unpacks_every_json_column(experiment):
     assert (cfg["loss.lam_adv"] == 0.3).all() and cfg["model.variant"].tolist() == rows["variant"].tolist()
     with pytest.raises(FersError, match="'accuracy' is not one of the JSON columns"):
         expand(rows, "accuracy")
+
+
+def test_folds_parquet_reads_whole_while_a_writer_replaces_it(tmp_path):
+    """read_folds never mixes two versions of folds.parquet: a driver appends rows (temporary file, then
+    rename) while another process reads it. Reading by path, pyarrow took the size from one look at the
+    file and the bytes from a later open, and failed ~2% of reads here ("Page was smaller than expected";
+    it failed test_cv's driver-death test once)."""
+    import threading
+
+    from fers_dist.results import append_rows, folds_uri, read_folds
+
+    def row(i):  # rows of different lengths, so every rewrite changes the file's size
+        return {"dataset": "ckplus", "variant": "original", "fold": i % 40, "seed": 0, "config_hash": "h",
+                "tag": "paper", "accuracy": 0.5, "history": "x" * (50 * (i % 40))}
+
+    append_rows(str(tmp_path), "e", [row(0)])
+    stop, written = threading.Event(), []
+
+    def writer():
+        i = 1
+        while not stop.is_set():
+            append_rows(str(tmp_path), "e", [row(i)])
+            written.append(i)
+            i += 1
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        sizes = [len(read_folds(folds_uri(str(tmp_path), "e"))) for _ in range(400)]
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert len(written) > 50, "the writer must replace the file many times during the reads"
+    assert min(sizes) >= 1 and max(sizes) <= 40
