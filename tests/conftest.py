@@ -23,6 +23,22 @@ os.environ.setdefault("FERS_DEVICE", "cpu")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+# pytest-xdist (pyproject's addopts: -n 2 --dist loadgroup): the suite runs on two worker processes, one
+# group of tests at a time each. The modules that start their own Ray clusters share one group, so they run
+# one after another on one worker: the autoscaler's fake cluster needs port 6379, and a restarted session Ray
+# must not meet another module's nodes.
+CLUSTER_MODULES = {"test_cluster", "test_elastic", "test_local_cluster"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Every test file is one xdist group (its module fixtures are built once, on one worker); the cluster
+    modules are one group together."""
+    for item in items:
+        stem = item.path.stem
+        item.add_marker(pytest.mark.xdist_group("clusters" if stem in CLUSTER_MODULES else stem))
+
+
 def start_local_ray():
     """The session's local Ray: 2 CPUs, no dashboard (cluster_fixtures.py restarts it after a cluster)."""
     import ray
