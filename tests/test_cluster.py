@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -63,6 +65,7 @@ def test_s3_storage_end_to_end_prepare_cv_report_fes_eval(multinode, s3, tiny_cf
         "cv.datasets": ["ckplus"], "cv.variants": ["original", "fes_da"], "cv.folds": [0],
         "cv.workers_per_run": 0, "cv.gpus_per_run": 0.5, "cv.cpus_per_run": 0.5, "cv.shared_filesystem": True,
         "train.device": "cpu", "train.epochs": 3, "train.checkpoint_every": 1})
+    scratch_before = set(Path(tempfile.gettempdir()).glob("fers-ckplus-*"))
     frame = run_cv(cfg).set_index("variant")
     assert (frame["status"] == "finished").all(), frame[["status", "error"]]
     h = cfg.hash()
@@ -74,6 +77,10 @@ def test_s3_storage_end_to_end_prepare_cv_report_fes_eval(multinode, s3, tiny_cf
     objects = list_files(f"{storage}/s3chain/checkpoints")
     assert objects == sorted([f"{s3.bucket}/results/s3chain/checkpoints/{homes['original'].rsplit('/', 1)[1]}/main.pt",
                               f"{s3.bucket}/results/s3chain/checkpoints/{homes['fes_da'].rsplit('/', 1)[1]}/fes_da.pt"])
+    # the nodes keep no local copy: each run's scratch folder (its checkpoints, fes_da's downloaded main.pt)
+    # is removed once the bucket has them (the worker nodes here share this machine's temp folder)
+    left = {p for v in homes for p in Path(tempfile.gettempdir()).glob(f"fers-{homes[v].rsplit('/', 1)[1]}-*")}
+    assert not left - scratch_before, left - scratch_before
 
     exp = f"{storage}/s3chain"
     report = build_report(exp, tmp_path / "report")

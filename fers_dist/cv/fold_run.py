@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -144,37 +145,41 @@ def train_func(config: dict) -> None:
     key = run_key(config["dataset"], cfg.model.variant, config["fold"], config["tag"], cfg.hash(), cfg.train.seed)
     home = checkpoint_home(config["storage"], config["experiment"], key)
     ckdir = _local_checkpoints(home, key)
-    ckdir.mkdir(parents=True, exist_ok=True)
-    (ckdir / f"worker{rank or ''}.pid").write_text(str(os.getpid()))  # the fault-tolerance tests find us
-    (ckdir / f"worker{rank or ''}.node").write_text(ray.get_runtime_context().get_node_id())
-    init_from = config.get("init_from")
-    if init_from and is_uri(init_from):  # fes_da: the original run's main.pt, read from the bucket
-        init_from = str(download(init_from))
-    pretrained = pretrained_uri(cfg)  # train.init_from: the BU-4DFE model every fold starts from
-    if pretrained and is_uri(pretrained):
-        pretrained = str(download(pretrained))
+    try:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        (ckdir / f"worker{rank or ''}.pid").write_text(str(os.getpid()))  # the fault-tolerance tests find us
+        (ckdir / f"worker{rank or ''}.node").write_text(ray.get_runtime_context().get_node_id())
+        init_from = config.get("init_from")
+        if init_from and is_uri(init_from):  # fes_da: the original run's main.pt, read from the bucket
+            init_from = str(download(init_from, ckdir / "init_from" / Path(init_from).name))
+        pretrained = pretrained_uri(cfg)  # train.init_from: the BU-4DFE model every fold starts from
+        if pretrained and is_uri(pretrained):
+            pretrained = str(download(pretrained, ckdir / "pretrained" / Path(pretrained).name))
 
-    data = Path(cfg.data.root) / config["dataset"]
-    uri = cfg.cv.tracking.mlflow if rank == 0 else None
-    with track_fold(uri, cfg, config["dataset"], config["fold"], config["tag"], name, key) as mlflow:
-        uploads = Uploader()
+        data = Path(cfg.data.root) / config["dataset"]
+        uri = cfg.cv.tracking.mlflow if rank == 0 else None
+        with track_fold(uri, cfg, config["dataset"], config["fold"], config["tag"], name, key) as mlflow:
+            uploads = Uploader()
 
-        def report(metrics: dict, saved: str | None) -> None:
-            if saved and is_uri(home) and rank == 0:
-                uploads.submit(saved, f"{home}/{Path(saved).name}")
+            def report(metrics: dict, saved: str | None) -> None:
+                if saved and is_uri(home) and rank == 0:
+                    uploads.submit(saved, f"{home}/{Path(saved).name}")
+                if mlflow:
+                    log_epoch(mlflow, metrics)
+                report_fn({**metrics, "run": name})
+
+            result = fit_fold(cfg, data, config["fold"], report=report, checkpoint_dir=ckdir, init_from=init_from,
+                              device=device, pretrained=pretrained, save_now=preemption_probe(local_mode))
+            uploads.wait()  # the last checkpoint is in the bucket before the run counts as finished
             if mlflow:
-                log_epoch(mlflow, metrics)
-            report_fn({**metrics, "run": name})
-
-        result = fit_fold(cfg, data, config["fold"], report=report, checkpoint_dir=ckdir, init_from=init_from,
-                          device=device, pretrained=pretrained, save_now=preemption_probe(local_mode))
-        uploads.wait()  # the last checkpoint is in the bucket before the run counts as finished
-        if mlflow:
-            log_result(mlflow, result)
-    row = result_row(result, experiment=config["experiment"], tag=config["tag"], checkpoint_uri=home,
-                     config=config["cfg"])
-    row.update(provenance(device), node_id=ray.get_runtime_context().get_node_id())
-    report_fn({"run": name, "final": True, "test_accuracy": result.accuracy, "fold_result": json.dumps(row)})
+                log_result(mlflow, result)
+        row = result_row(result, experiment=config["experiment"], tag=config["tag"], checkpoint_uri=home,
+                         config=config["cfg"])
+        row.update(provenance(device), node_id=ray.get_runtime_context().get_node_id())
+        report_fn({"run": name, "final": True, "test_accuracy": result.accuracy, "fold_result": json.dumps(row)})
+    finally:
+        if is_uri(home):  # the bucket holds the checkpoints (a retry downloads them again): no disk left behind
+            shutil.rmtree(ckdir, ignore_errors=True)
 
 
 def fold_trial(config: dict) -> None:
