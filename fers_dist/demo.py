@@ -55,41 +55,6 @@ class _Steps:
             self._name = None
 
 
-class _Background:
-    """Steps that run in one background thread, in order, while the main thread runs the λ study (Ray Tune
-    wants the main thread). They train on one torch thread: two Ray trials hold the other CPUs, and four
-    spinning OpenMP threads on two cores would slow everyone. Their wall times go into ``times``."""
-
-    def __init__(self, times: dict):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.times, self.pool = times, ThreadPoolExecutor(max_workers=1, thread_name_prefix="fers-demo")
-
-    def __enter__(self):
-        import torch
-
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        return self
-
-    def run(self, name: str, fn):
-        def timed():
-            t0 = time.perf_counter()
-            try:
-                return fn()
-            finally:
-                self.times[name] = time.perf_counter() - t0
-
-        return self.pool.submit(timed)
-
-    def __exit__(self, *exc):
-        import torch
-
-        self.pool.shutdown(wait=True)  # an error in a step comes out of its .result()
-        torch.set_num_threads(self.threads)
-        return False
-
-
 def showcase_overrides(path: Path = SHOWCASE_YAML) -> dict:
     """The showcase run's settings over the demo config: the YAML's sections flattened to dotted keys."""
     data = read_yaml(path) or {}
@@ -108,14 +73,14 @@ def showcase_runs(cfg, datasets: list[str], path: Path = SHOWCASE_YAML) -> list:
     return [Run(ds, "original", 0, cfg=scfg, tag=SHOWCASE_TAG) for ds in datasets]
 
 
-def table_v(cfg, recogniser_epochs: int = RECOGNISER_EPOCHS, progress: bool = True) -> list[dict]:
+def table_v(cfg, recogniser_epochs: int = RECOGNISER_EPOCHS) -> list[dict]:
     """Table V (``fers fes-eval``) on the showcase runs of ``cfg``'s experiment: an independent recogniser,
     trained on each fold's real training faces, scores the synthesised test faces."""
     from fers_dist.report.fes_eval import evaluate
 
     return evaluate(Path(cfg.cv.storage) / cfg.cv.experiment, tags=[SHOWCASE_TAG], identity="auto",
-                    identity_faces=IDENTITY_FACES, recogniser_epochs=recogniser_epochs, progress=progress,
-                    log=lambda m: print(f"Table V: {m}", file=sys.stderr, flush=True))
+                    identity_faces=IDENTITY_FACES, recogniser_epochs=recogniser_epochs,
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 MARKER = ".fers-demo"
@@ -176,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         raise FersError(f"--subjects {args.subjects}: identity-independent {cfg.data.n_folds}-fold CV needs at "
                         f"least {cfg.data.n_folds} subjects per dataset")
     with ray_session("local", quiet=True):  # the embedded Ray, whatever RAY_ADDRESS says
-        step = _Steps(4)
+        step = _Steps(5 if args.quick else 6)
         step("synthesise", f"synthesise {args.subjects} subjects per dataset in the real layouts")
         for ds in datasets:
             synthesize(ds, out / "raw" / ds, subjects=args.subjects, seed=0, size=160)
@@ -189,17 +154,17 @@ def run(args: argparse.Namespace) -> int:
                    + ("" if args.quick else f", beside one longer original run per dataset on fold 0 for Fig. 4 "
                                             f"and Table V (showcase: {SHOWCASE_YAML.name})"))
         frame = run_cv(cfg, showcase + plan_runs(cfg))
+        fes = []
+        if showcase:
+            step("table5", "Table V (fes-eval): an independent recogniser, trained on the real training faces, "
+                           "scores the showcase runs' synthesised faces")
+            fes = table_v(cfg)
         step("tune", f"λ study, nested CV: one study per outer fold {cfg.tune.outer_folds} of ckplus, {trials} "
-                     f"trials each, side by side in one Ray Tune run; beside it, in this process, "
-                     + ("Table V (fes-eval: an independent recogniser, trained on the real training faces, scores "
-                        "the showcase runs' synthesised faces), then " if showcase else "")
-                     + "the report (tables, figures, report.html)")
-        with _Background(step.times) as background:  # the λ study's trials leave CPU idle as they start and stop
-            fes = background.run("table5", lambda: table_v(cfg, progress=False)) if showcase else None
-            report = background.run("report", lambda: build_report(out / "results" / cfg.cv.experiment))
-            study = run_tune(cfg, out=str(out / "results" / "tune-demo"), force=True)
-            step.end()
-        fes, report = (fes.result() if fes else []), report.result()
+                     f"trials each, side by side in one Ray Tune run")
+        study = run_tune(cfg, out=str(out / "results" / "tune-demo"), force=True)
+        step("report", "report: tables, figures, report.html")
+        report = build_report(out / "results" / cfg.cv.experiment)
+        step.end()
     total = time.perf_counter() - t0
     done = frame[(frame["status"] == "finished")]
     print("\n" + summary_table(frame))

@@ -98,10 +98,9 @@ EVAL_OPTIONS = ("data_root", "datasets", "folds", "variants", "tags", "recognise
 
 def evaluate(experiment_dir, data_root=None, datasets=None, folds=None, variants=("original", "fes_da"), tags=None,
              recogniser_epochs=None, identity="auto", identity_faces=None, device=None, targets="basic6",
-             log=print, progress=True) -> list[dict]:
+             log=print) -> list[dict]:
     """Table V for every selected run of ``experiment_dir`` (the options are ``fers fes-eval``'s flags);
-    each result is added to fes_eval.parquet as soon as it is measured. Returns the result dicts.
-    ``progress=False``: no progress bar (``log`` still gets a line per run)."""
+    each result is added to fes_eval.parquet as soon as it is measured. Returns the result dicts."""
     from tqdm import tqdm
 
     from fers_dist.report.experiment import FES_FILE, fetch_experiment, load_rows
@@ -117,7 +116,7 @@ def evaluate(experiment_dir, data_root=None, datasets=None, folds=None, variants
                         f"--datasets {datasets or 'all'} --folds {folds or 'all'} --tags {tags or 'all'}")
     ckpts = [generator_checkpoint(r, exp_dir) for _, r in rows.iterrows()]  # every one exists, before any work
     faces, caches, out = {}, {}, []
-    for (_, row), ckpt in zip(tqdm(list(rows.iterrows()), desc="fes-eval", unit="run", file=sys.stderr, disable=not progress), ckpts):
+    for (_, row), ckpt in zip(tqdm(list(rows.iterrows()), desc="fes-eval", unit="run", file=sys.stderr), ckpts):
         cfg = row_config(row)
         root = str(data_root or cfg.data.root)
         if (row["dataset"], root) not in faces:
