@@ -68,14 +68,14 @@ def read_folds(uri: str) -> pd.DataFrame:
     look at the file and the bytes from a later open, so it could mix the old file's length with the new
     file's bytes ("Page was smaller than expected", seen while a driver was appending)."""
     import pyarrow as pa
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     fs, path = filesystem(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    try:
+        with fs.open_input_stream(path, compression=None) as f:
+            data = f.readall()
+    except FileNotFoundError:
         return pd.DataFrame()
-    with fs.open_input_stream(path, compression=None) as f:
-        data = f.readall()
     return pq.read_table(pa.BufferReader(data)).to_pandas()
 
 

@@ -10,8 +10,8 @@ Checkpoints live at ``<storage>/<experiment>/checkpoints/<run_key>/`` (``main.pt
 for fes_da), one file each, replaced at every save, so a run keeps a bounded number of objects. With a
 local or NFS path ``fit_fold`` writes there directly. With object storage (s3://, gs://) it writes to a
 local folder, rank 0 uploads each save to the same place in the background (:class:`Uploader`), and a run
-that starts again, on any node, downloads it and resumes; the local folder goes when the run ends. Besides every ``train.checkpoint_every`` epochs, a
-run saves at the end of the epoch in which Ray Train announces a preemption of one of its nodes
+that starts again, on any node, downloads it and resumes; the local folder goes when the run ends. Besides
+every ``train.checkpoint_every`` epochs, a run saves at the end of the epoch in which Ray Train announces a preemption of one of its nodes
 (:func:`preemption_probe`). The checkpoints also carry the config hash, and ``fit_fold`` refuses one made
 under another config.
 
@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from fers_dist.config import parse_config
@@ -80,15 +81,22 @@ def _ray_device(requested: str, local_mode: bool) -> str:
     return device
 
 
-def _local_checkpoints(home: str, key: str) -> Path:
-    """A local folder holding the run's checkpoints: ``home`` itself, or a copy of what remote storage has."""
+@contextmanager
+def _local_checkpoints(home: str, key: str):
+    """A local folder holding the run's checkpoints: ``home`` itself, or, for object storage, a scratch
+    copy of what the bucket has, removed when the run ends (the bucket keeps the checkpoints; a retry
+    downloads them again), so nodes never fill their disks with runs that are over."""
     if not is_uri(home):
-        return Path(home)
+        yield Path(home)
+        return
     ckdir = Path(tempfile.mkdtemp(prefix=f"fers-{key}-"))
-    for name in CHECKPOINT_FILES:
-        if exists(f"{home}/{name}"):
-            download(f"{home}/{name}", ckdir / name)
-    return ckdir
+    try:
+        for name in CHECKPOINT_FILES:
+            if exists(f"{home}/{name}"):
+                download(f"{home}/{name}", ckdir / name)
+        yield ckdir
+    finally:
+        shutil.rmtree(ckdir, ignore_errors=True)
 
 
 def preemption_probe(local_mode: bool):
@@ -144,8 +152,7 @@ def train_func(config: dict) -> None:
     name = run_name(config["dataset"], cfg.model.variant, config["fold"], config["tag"], cfg.train.seed)
     key = run_key(config["dataset"], cfg.model.variant, config["fold"], config["tag"], cfg.hash(), cfg.train.seed)
     home = checkpoint_home(config["storage"], config["experiment"], key)
-    ckdir = _local_checkpoints(home, key)
-    try:
+    with _local_checkpoints(home, key) as ckdir:
         ckdir.mkdir(parents=True, exist_ok=True)
         (ckdir / f"worker{rank or ''}.pid").write_text(str(os.getpid()))  # the fault-tolerance tests find us
         (ckdir / f"worker{rank or ''}.node").write_text(ray.get_runtime_context().get_node_id())
@@ -177,9 +184,6 @@ def train_func(config: dict) -> None:
                          config=config["cfg"])
         row.update(provenance(device), node_id=ray.get_runtime_context().get_node_id())
         report_fn({"run": name, "final": True, "test_accuracy": result.accuracy, "fold_result": json.dumps(row)})
-    finally:
-        if is_uri(home):  # the bucket holds the checkpoints (a retry downloads them again): no disk left behind
-            shutil.rmtree(ckdir, ignore_errors=True)
 
 
 def fold_trial(config: dict) -> None:

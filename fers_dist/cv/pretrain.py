@@ -38,22 +38,22 @@ def pretrain_func(config: dict) -> None:
     device = _ray_device(cfg.train.device, local_mode=False)
     cap_process_memory(device, cfg.cv.gpus_per_run / config["workers"])
     rank, home = ray.train.get_context().get_world_rank(), config["home"]
-    ckdir = _local_checkpoints(home, "pretrain")
-    log = (lambda m: print(f"fers pretrain: {m}", file=sys.stderr, flush=True)) if rank == 0 else (lambda m: None)
+    with _local_checkpoints(home, "pretrain") as ckdir:  # on object storage: a scratch copy, removed at the end
+        log = (lambda m: print(f"fers pretrain: {m}", file=sys.stderr, flush=True)) if rank == 0 else (lambda m: None)
 
-    def report(metrics: dict, saved: str | None) -> None:
-        if saved and is_uri(home) and rank == 0:
-            upload(saved, f"{home}/main.pt")
-        log(f"epoch {metrics['epoch'] + 1}/{config['epochs']} loss {metrics['loss']:.4f} "
-            f"train accuracy {metrics['train_accuracy']:.3f} ({metrics['images_per_s']:.0f} images/s)")
-        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        def report(metrics: dict, saved: str | None) -> None:
+            if saved and is_uri(home) and rank == 0:
+                upload(saved, f"{home}/main.pt")
+            log(f"epoch {metrics['epoch'] + 1}/{config['epochs']} loss {metrics['loss']:.4f} "
+                f"train accuracy {metrics['train_accuracy']:.3f} ({metrics['images_per_s']:.0f} images/s)")
+            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
-    summary = fit_pretrain(cfg, Path(cfg.data.root) / PRETRAIN_DATASET, ckdir, report, device, log)
-    if rank == 0:  # Train V2 keeps metrics only with checkpoints: the summary travels as a file
-        local = ckdir / "summary.json"
-        atomic_write_text(local, json.dumps(summary, indent=1) + "\n")
-        if is_uri(home):
-            upload(local, f"{home}/summary.json")
+        summary = fit_pretrain(cfg, Path(cfg.data.root) / PRETRAIN_DATASET, ckdir, report, device, log)
+        if rank == 0:  # Train V2 keeps metrics only with checkpoints: the summary travels as a file
+            local = ckdir / "summary.json"
+            atomic_write_text(local, json.dumps(summary, indent=1) + "\n")
+            if is_uri(home):
+                upload(local, f"{home}/summary.json")
 
 
 def run_pretrain(cfg, address: str | None = None, force: bool = False, log=print) -> dict:
