@@ -110,7 +110,9 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(10, ge=1, description="epochs between checkpoints")
     log_every: int = Field(50, ge=1, description="steps between host syncs for logging")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    amp: bool = Field(True, description="bf16 autocast on CUDA (CPU stays float32)")
+    amp: bool = Field(True, description="bf16 autocast on CUDA")
+    cpu_amp: bool = Field(False, description="bf16 autocast on a CPU with bf16 units (AMX or AVX512-BF16: faster "
+                                             "convolutions, measured in docs/BENCHMARKS.md); other CPUs stay float32")
     channels_last: bool = Field(True, description="NHWC activations and weights (faster on CUDA and CPU)")
     compile: bool = Field(False, description="torch.compile the generator (one graph per step; off until "
                                              "fers bench gpu measures it faster on your card)")

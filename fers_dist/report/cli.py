@@ -59,6 +59,7 @@ def _synthesis_figure(frame, dataset: str, exp_dir: Path, fig_dir: Path, data_ro
     from fers_dist.report.experiment import slug
     from fers_dist.report.paper import dataset_name
     from fers_dist.report.runs import load_generator, load_row_faces, row_config
+    from fers_dist.train.speed import use_amp
     from fers_dist.train.synthesis import centre_uint8, synthesise_all
 
     cands = frame[(frame["dataset"] == dataset) & (frame["status"] == "finished")
@@ -79,7 +80,8 @@ def _synthesis_figure(frame, dataset: str, exp_dir: Path, fig_dir: Path, data_ro
     picks = torch.tensor(picks[:8])
     model = load_generator(row, exp_dir)
     crop = cfg.model.input_size
-    synth = synthesise_all(model, test.images[picks], crop, faces.num_classes)
+    amp = use_amp(cfg, next(model.parameters()).device)  # as the run's own evaluation computed
+    synth = synthesise_all(model, test.images[picks], crop, faces.num_classes, amp=amp)
     src = centre_uint8(test.images[picks], crop)
     title = f"{dataset_name(dataset)}: {row['label']}, fold {row['fold']} — synthesised expressions (Fig. 4)"
     return figures.synthesis_grid(src.numpy(), synth.numpy(),

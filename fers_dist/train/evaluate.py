@@ -19,7 +19,7 @@ def _gate(g, name: str) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, faces: FaceSet, crop: int, batch_size: int = 256,
-             amp: bool = True) -> dict:
+             amp: bool = False) -> dict:
     """Centre-crop test evaluation of ``model`` (in eval mode) on every face of ``faces``."""
     was_training = model.training
     model.eval()
@@ -68,7 +68,7 @@ def _pool(gate: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def recompute_bn_stats(model: torch.nn.Module, faces: FaceSet, crop: int, batch_size: int = 256,
-                       amp: bool = True) -> None:
+                       amp: bool = False) -> None:
     """Replace BatchNorm's running statistics with the exact statistics of ``faces`` (centre crops, as the
     recogniser sees at test time), one forward pass, no gradient ("precise BN", Wu & Johnson 2021).
 
@@ -92,6 +92,6 @@ def recompute_bn_stats(model: torch.nn.Module, faces: FaceSet, crop: int, batch_
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, faces: FaceSet, crop: int, amp: bool = True) -> float:
+def accuracy(model: torch.nn.Module, faces: FaceSet, crop: int, amp: bool = False) -> float:
     """Just the accuracy (inner validation during training); no gates, no confusion."""
     return evaluate(model, faces, crop, amp=amp)["accuracy"]

@@ -12,7 +12,7 @@ from fers_dist.train.speed import autocast
 
 
 @torch.no_grad()
-def synthesize_balanced(model: torch.nn.Module, train: FaceSet, crop: int, amp: bool = True,
+def synthesize_balanced(model: torch.nn.Module, train: FaceSet, crop: int, amp: bool = False,
                         batch_size: int = 256) -> FaceSet:
     """Each training face stands for its own class; G(z^t, I) supplies the other E-1 classes.
 

@@ -50,7 +50,7 @@ def train_recogniser(cfg, train, fold: int, epochs: int | None = None, checkpoin
     return trainer.model.eval()
 
 
-def _predict(model, images, crop: int, amp: bool = True, batch_size: int = 256):
+def _predict(model, images, crop: int, amp: bool = False, batch_size: int = 256):
     import torch
 
     from fers_dist.data.loader import center_crop
@@ -87,6 +87,7 @@ def fes_eval_fold(cfg, data, fold: int, generator, *, recogniser_epochs: int | N
     from fers_dist.train.checkpoint import load_weights
     from fers_dist.train.fold import resolve_device
     from fers_dist.train.identity_score import identity_similarity, lightcnn_network
+    from fers_dist.train.speed import use_amp
     from fers_dist.train.synthesis import centre_uint8, synthesise_all
 
     t0 = time.perf_counter()
@@ -106,18 +107,19 @@ def fes_eval_fold(cfg, data, fold: int, generator, *, recogniser_epochs: int | N
         cache["recogniser"] = train_recogniser(cfg, train, fold, epochs, recogniser_checkpoint, log)
     recogniser = cache["recogniser"].to(dev).eval()
 
-    synth = synthesise_all(generator, test.images, crop, E, amp=cfg.train.amp)  # [N, E, C, crop, crop] uint8
+    amp = use_amp(cfg, dev)
+    synth = synthesise_all(generator, test.images, crop, E, amp=amp)  # [N, E, C, crop, crop] uint8
     n = len(test)
     target = torch.arange(E).repeat(n)
     own = test.labels.cpu().repeat_interleave(E)
-    pred = _predict(recogniser, synth.flatten(0, 1), crop, cfg.train.amp)
+    pred = _predict(recogniser, synth.flatten(0, 1), crop, amp)
     chosen = torch.tensor(target_classes(faces.class_names, targets))
     keep = torch.isin(target, chosen)
     target, own, pred = target[keep], own[keep], pred[keep]
     confusion = torch.bincount(target * E + pred, minlength=E * E).view(E, E)
     per_class = (confusion.diag().float() / confusion.sum(1).float()).tolist()  # NaN: a target left out
     cross = target != own
-    real_pred = _predict(recogniser, test.images, crop, cfg.train.amp)
+    real_pred = _predict(recogniser, test.images, crop, amp)
 
     pick = torch.arange(n)
     if identity_faces and identity_faces < n:
@@ -131,7 +133,7 @@ def fes_eval_fold(cfg, data, fold: int, generator, *, recogniser_epochs: int | N
         return cache["identity"]
 
     ident = identity_similarity(centre_uint8(test.images[pick], crop), synth[pick], test.subjects[pick].cpu(),
-                                identity, lightcnn)
+                                identity, lightcnn, amp)
     return {
         "dataset": faces.dataset, "fold": fold, "accuracy": float((pred == target).float().mean()),
         "accuracy_cross": float((pred[cross] == target[cross]).float().mean()) if cross.any() else float("nan"),

@@ -25,7 +25,7 @@ from fers_dist.train.checkpoint import check_stamp, load_weights
 from fers_dist.train.evaluate import evaluate
 from fers_dist.train.fes_da import synthesize_balanced
 from fers_dist.train.pretrain import load_pretrained, pretrained_uri
-from fers_dist.train.speed import set_alloc_conf
+from fers_dist.train.speed import set_alloc_conf, use_amp
 from fers_dist.train.trainer import Report, Trainer
 
 
@@ -119,7 +119,7 @@ def fit_fold(cfg: Config, data: FaceSet | str | Path, fold: int, report: Report 
 
     variant = cfg.model.variant
     base_cfg = cfg.with_overrides({"model.variant": "original"}) if variant == "fes_da" else cfg
-    amp = cfg.train.amp and device.type == "cuda"
+    amp = use_amp(cfg, device)
     if variant == "fes_da" and init_from is not None:
         check_stamp(init_from, cfg.hash())  # variant is not in the hash: original and fes_da share it
         model = build_model(base_cfg.model, faces.num_classes).to(device)

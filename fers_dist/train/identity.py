@@ -15,7 +15,7 @@ from torch import nn
 from fers_dist.config import Config
 from fers_dist.data.loader import FaceSet, apply_augmentation, rotation_table, sample_augmentation
 from fers_dist.errors import FersError
-from fers_dist.train.speed import autocast, nhwc, to_channels_last
+from fers_dist.train.speed import autocast, nhwc, to_channels_last, use_amp
 
 
 class IdentityFeatures(nn.Module):
@@ -68,7 +68,7 @@ def train_subject_encoder(cfg: Config, train: FaceSet, generator: torch.Generato
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     crop, bs = cfg.model.input_size, min(64, len(train))
     size, angles = train.images.shape[-1], rotation_table([0.0], device)
-    amp = cfg.train.amp and device.type == "cuda"
+    amp = use_amp(cfg, device)
     for epoch in range(cfg.identity.encoder_epochs):
         perm = torch.randperm(len(train), generator=generator, device=device)
         total = torch.zeros((), device=device)

@@ -85,8 +85,8 @@ def lightcnn_network(cfg, train, generator: torch.Generator, log=print) -> tuple
 
 @torch.no_grad()
 def lightcnn_embeddings(net: torch.nn.Module, sources: torch.Tensor, synth: torch.Tensor,
-                        batch_size: int = 128, amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """LightCNN-9 features of sources [N, D] and synthesised faces [N, E, D] (bf16 autocast on CUDA)."""
+                        batch_size: int = 128, amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """LightCNN-9 features of sources [N, D] and synthesised faces [N, E, D] (bf16 autocast when ``amp``)."""
     from fers_dist.train.speed import autocast
 
     device = next(net.parameters()).device
@@ -117,7 +117,7 @@ def cosine_scores(src: np.ndarray, syn: np.ndarray, subjects: np.ndarray) -> dic
 
 
 def identity_similarity(sources: torch.Tensor, synth: torch.Tensor, subjects, method: str,
-                        lightcnn: Callable[[], tuple[torch.nn.Module, str]]) -> dict:
+                        lightcnn: Callable[[], tuple[torch.nn.Module, str]], amp: bool = False) -> dict:
     """Cosine(source, synthesised) (see :func:`cosine_scores`). ``sources`` uint8 [N, C, h, w]; ``synth``
     uint8 [N, E, C, h, w]; ``subjects`` [N] the sources' subject ids.
 
@@ -140,5 +140,5 @@ def identity_similarity(sources: torch.Tensor, synth: torch.Tensor, subjects, me
             if method == "dlib" or scores["identity_pairs"] >= DLIB_MIN_FOUND * total:
                 return {"identity_method": "dlib", **scores, "identity_note": note}
     net, name = lightcnn()
-    return {"identity_method": name, **cosine_scores(*lightcnn_embeddings(net, sources, synth), subjects),
+    return {"identity_method": name, **cosine_scores(*lightcnn_embeddings(net, sources, synth, amp=amp), subjects),
             "identity_note": note}

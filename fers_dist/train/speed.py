@@ -4,8 +4,9 @@
 - ``train.tf32``: float32 matmuls/convs outside bf16 autocast use TF32 tensor cores.
 - ``train.fused_adam``: one fused Adam kernel per step instead of a loop over parameters.
 - ``train.expandable_segments``: the CUDA caching allocator grows segments instead of fragmenting.
-- ``train.channels_last`` (NHWC) and ``train.amp`` (bf16 autocast) are applied by the trainer, the
-  evaluation and the synthesis code; ``train.compile`` by the trainer.
+- ``train.channels_last`` (NHWC), ``train.amp`` (bf16 autocast on CUDA) and ``train.cpu_amp`` (bf16 autocast on
+  a CPU with bf16 units) are applied by the trainer, the evaluation and the synthesis code; ``train.compile``
+  by the trainer.
 
 Everything here is Ray-free; the Ray layer adds the per-process memory cap of packed runs.
 """
@@ -13,6 +14,7 @@ Everything here is Ray-free; the Ray layer adds the per-process memory cap of pa
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -59,10 +61,26 @@ def nhwc(x: torch.Tensor, enabled: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if enabled and x.dim() == 4 else x
 
 
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AMX or AVX512-BF16), where oneDNN's bf16 convolutions beat
+    float32; elsewhere bf16 is emulated and slower, so ``train.cpu_amp`` leaves such CPUs in float32."""
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def use_amp(cfg: Config, device: torch.device) -> bool:
+    """Whether a run of ``cfg`` on ``device`` computes under bf16 autocast: ``train.amp`` on CUDA,
+    ``train.cpu_amp`` on a CPU with bf16 units (measured in docs/BENCHMARKS.md), float32 otherwise."""
+    if device.type == "cuda":
+        return cfg.train.amp
+    return device.type == "cpu" and cfg.train.cpu_amp and cpu_has_bf16()
+
+
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA; CPU runs stay float32."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on ``device`` when ``enabled`` (callers pass ``use_amp(cfg, device)``)."""
+    if enabled and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -14,9 +14,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def synthesise_all(model: torch.nn.Module, images: torch.Tensor, crop: int, E: int,
-                   batch_size: int = 256, amp: bool = True) -> torch.Tensor:
+                   batch_size: int = 256, amp: bool = False) -> torch.Tensor:
     """G(z^t, I) for every target expression t of every face: uint8 [N, C, S, S] -> uint8 [N, E, C, crop, crop]
-    (centre crop in, as at test time; bf16 autocast on CUDA when ``amp``)."""
+    (centre crop in, as at test time; bf16 autocast when ``amp``)."""
     from fers_dist.data.loader import center_crop
     from fers_dist.train.speed import autocast
 

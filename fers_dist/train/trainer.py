@@ -33,7 +33,15 @@ from fers_dist.train.evaluate import accuracy
 from fers_dist.train.grad_sync import GradBuckets
 from fers_dist.train.identity import build_identity
 from fers_dist.train.schedule import make_scheduler
-from fers_dist.train.speed import adam, autocast, configure_backends, nhwc, running_stats_frozen, to_channels_last
+from fers_dist.train.speed import (
+    adam,
+    autocast,
+    configure_backends,
+    nhwc,
+    running_stats_frozen,
+    to_channels_last,
+    use_amp,
+)
 
 Report = Callable[[dict, "str | None"], None]
 
@@ -66,7 +74,7 @@ class Trainer:
                              f"workers needs at least 2 faces per worker per batch (BatchNorm)")
         self.model = model if model is not None else build_model(cfg.model, self.E).to(self.device)
         self.full = objective == "full" and getattr(self.model, "has_fes", False)
-        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.amp = use_amp(cfg, self.device)
         configure_backends(cfg, self.device)
         # channels_last: faster on CUDA and on CPU (oneDNN), measured in docs/BENCHMARKS.md
         to_channels_last(self.model, cfg.train.channels_last)

@@ -33,6 +33,7 @@ from fers_dist.data.loader import FaceSet, inner_folds, split_fold
 from fers_dist.errors import FersError
 from fers_dist.train.evaluate import accuracy, recompute_bn_stats
 from fers_dist.train.fold import resolve_device
+from fers_dist.train.speed import use_amp
 from fers_dist.train.trainer import Trainer
 
 OBJECTIVES: dict[str, list[tuple[str, str]]] = {  # objective -> [(metric, mode)]
@@ -94,7 +95,7 @@ class NestedCV:
         self.cfg, self.epochs, self.objective, self.devices_held = cfg, epochs, objective, devices_held
         self.t0, self.fes_cfg, self.log, self.outer_fold = time.perf_counter(), fes_cfg or cfg, log, outer_fold
         self.device = device = resolve_device(cfg.train.device)
-        self.amp = cfg.train.amp and device.type == "cuda"
+        self.amp = use_amp(cfg, device)
         seed = cfg.train.seed * 1000 + outer_fold
         side = outer_training_side(faces, outer_fold)
         self.subjects = sorted(side.subject_names[i] for i in side.subjects.unique().tolist())  # all it may see
