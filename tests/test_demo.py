@@ -138,6 +138,7 @@ def test_showcase_run_fills_table_v_and_draws_fig_4(demo_cfg, prepared_data, tmp
     assert "(showcase)" in table[2] and table[2].split()[-1] == "1" and table[1].split()[-1] == "1"
     assert [(r["dataset"], r["tag"], r["fold"]) for r in fes] == [("oulu", SHOWCASE_TAG, 0)]
     assert 0 <= fes[0]["accuracy_cross"] <= 1 and fes[0]["recogniser_epochs"] == 2
+    assert fes[0]["recognisers"] == 3 and len(fes[0]["accuracy_cross_each"]) == 3  # the demo's mean of three
 
     exp = tmp_path / "results" / cfg.cv.experiment
     assert pd.read_parquet(exp / "fes_eval.parquet")["tag"].tolist() == [SHOWCASE_TAG]

@@ -83,6 +83,30 @@ def test_recogniser_sees_only_the_real_training_faces_of_the_fold(tiny_experimen
                                cache=cache, targets="seven", log=lambda m: None)
 
 
+def test_several_recognisers_each_from_its_own_seed_and_their_mean(tiny_experiment, tmp_path):  # noqa: F811
+    """``recognisers=2``: two recognisers, each with its own checkpoint and seed; Table V's accuracy is their
+    mean, the first is the single-recogniser figure, and fewer than one is refused in one line."""
+    faces, cfg = tiny_experiment["faces"], tiny_experiment["cfg"].with_overrides({"identity.encoder_epochs": 1})
+    ckpt = tiny_experiment["exp_dir"] / "checkpoints" / "ckplus-original-f1" / "main.pt"
+    kw = {"recogniser_epochs": 1, "identity": "lightcnn", "identity_faces": 2, "device": "cpu",
+          "log": lambda m: None}
+    one = fes_core.fes_eval_fold(cfg, faces, 1, ckpt, **kw)
+    two = fes_core.fes_eval_fold(cfg, faces, 1, ckpt, recogniser_checkpoint=tmp_path / "rec.pt", recognisers=2, **kw)
+    assert sorted(p.name for p in tmp_path.glob("rec*.pt")) == ["rec-r1.pt", "rec.pt"]
+    a, b = two["accuracy_cross_each"]
+    assert two["recognisers"] == 2 and two["accuracy_cross"] == pytest.approx((a + b) / 2)
+    assert one["accuracy_cross_each"] == [pytest.approx(a)] and one["recognisers"] == 1
+    first, second = (torch.load(p, weights_only=True) for p in (tmp_path / "rec.pt", tmp_path / "rec-r1.pt"))
+    assert not torch.equal(*(next(iter(c["modules"]["model"].values())) for c in (first, second)))  # two seeds
+    assert np.array(two["confusion"]).sum() == 2 * two["n_synth_images"]  # both recognisers' votes
+    with pytest.raises(FersError, match="recognisers: 0"):
+        fes_core.fes_eval_fold(cfg, faces, 1, ckpt, recognisers=0, **kw)
+    with pytest.raises(SystemExit):
+        parser = argparse.ArgumentParser()
+        fes_mod.add_arguments(parser)
+        parser.parse_args(["exp", "--recognisers", "0"])
+
+
 def test_dlib_identity_scores_own_faces_above_other_subjects(tiny_experiment):  # noqa: F811
     faces = tiny_experiment["faces"]
     pick = torch.arange(0, len(faces), max(1, len(faces) // 6))[:6]

@@ -233,6 +233,12 @@ def _targets(fes: pd.DataFrame) -> str:
     return " / ".join(names.get(t, t) for t in sorted(sets))
 
 
+def _recognisers(fes: pd.DataFrame) -> str:
+    """How many recognisers each row averages (rows from before the column had one)."""
+    counts = sorted(set(fes["recognisers"].fillna(1).astype(int))) if "recognisers" in fes else [1]
+    return "" if counts == [1] else f" (the mean of {'/'.join(map(str, counts))} recognisers, each from its own seed)"
+
+
 def fes_table(fes: pd.DataFrame | None) -> Table | None:
     if fes is None:
         return None
@@ -257,7 +263,7 @@ def fes_table(fes: pd.DataFrame | None) -> Table | None:
                  ["dataset", "run", "folds", "cross-expression accuracy (%)", "chance (%)", "all targets incl. own (%)",
                   "recogniser on real test (%)", "identity cosine: own vs other subjects (method)", "paper (%)"],
                  rows, pd.DataFrame(data),
-                 "recogniser: no_mtl trained on the fold's real training faces only; targets: "
+                 f"recogniser: no_mtl trained on the fold's real training faces only{_recognisers(fes)}; targets: "
                  f"{_targets(fes)}, synthesised for every test face; the headline is the accuracy excluding each "
                  "face's own expression (a copy of the source would score the rest); identity: mean cosine(source, its synthesised faces) vs the same "
                  "against other subjects' synthesised faces (identity is preserved only where own > other).")
