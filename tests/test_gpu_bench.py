@@ -153,6 +153,9 @@ def test_bench_train_defaults_fit_a_cpu_and_refuses_what_cannot(monkeypatch, cap
     bench.add_arguments(p)
     assert bench.scale(p.parse_args([]), "cpu") == (bench.CPU_SCALE, "CPU scale")
     assert bench.scale(p.parse_args([]), "cuda") == (bench.PAPER_SCALE, "paper scale")
+    for flags, want in (([], False), (["--cpu-amp"], True)):  # the flag reaches the config the step runs
+        args = p.parse_args(flags)
+        assert bench.bench_config(args, bench.scale(args, "cpu")[0], "cpu").train.cpu_amp is want
     monkeypatch.setattr(memory, "available_memory_gb", lambda: 1.5)
     assert main(["bench", "train", "--device", "cpu", "--batch", "64"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

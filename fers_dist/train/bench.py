@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the paper's LightCNN-9, subject_encoder the 0.25-width encoder")
     p.add_argument("--compile", action="store_true", help="torch.compile the generator")
     p.add_argument("--no-amp", action="store_true", help="float32 on CUDA (default: bf16 autocast)")
+    p.add_argument("--cpu-amp", action="store_true",
+                   help="CPU: bf16 autocast (train.cpu_amp) where the CPU has bf16 units (AMX/AVX512-BF16); "
+                        "amp_bf16 in the output says whether it took effect")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW tensors (default: channels_last)")
     p.add_argument("--no-fused-adam", action="store_true", help="foreach Adam (default: fused)")
     p.add_argument("--memory-fraction", type=float,
@@ -68,6 +71,7 @@ def bench_config(args: argparse.Namespace, sc: dict, device):
     return Config().with_overrides({
         "model.width": sc["width"], "model.input_size": size, "data.aligned_size": aligned_size(size),
         "train.batch_size": sc["batch"], "train.compile": args.compile, "train.amp": not args.no_amp,
+        "train.cpu_amp": args.cpu_amp,
         "train.channels_last": not args.no_channels_last, "identity.backbone": args.identity,
         "train.fused_adam": not args.no_fused_adam,
         "identity.encoder_width": 0.25, "train.device": str(device), "train.log_every": 10**9,
