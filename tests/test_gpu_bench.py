@@ -119,6 +119,18 @@ def test_memory_probe_on_fake_tensors_counts_what_a_real_step_saves(bf16):
     assert probe_key(load_config(ROOT / "jobs/configs/demo.yaml").with_overrides({"train.batch_size": 8})) == key
 
 
+def test_memory_probe_of_a_float32_run_stays_float32_whatever_cpu_amp_says(monkeypatch):
+    """The probe steps on the CPU: a config with ``train.cpu_amp`` on (a float32 CUDA run when ``train.amp`` is
+    off) must still count float32 activations on a CPU with bf16 units; only the probe's ``bf16`` flag decides."""
+    from fers_dist.train import speed
+    from fers_dist.train.memory import _probe, probe_key
+
+    monkeypatch.setattr(speed, "cpu_has_bf16", lambda: True)
+    demo = load_config(ROOT / "jobs/configs/demo.yaml")
+    f32, mixed = (_probe(probe_key(demo.with_overrides({"train.cpu_amp": v})), 7, False) for v in (False, True))
+    assert mixed == f32
+
+
 def test_planner_refuses_a_tune_space_whose_largest_batch_cannot_fit():
     cfg = load_config(ROOT / "jobs/configs/tune.yaml")
     assert max_batch(cfg) == 64

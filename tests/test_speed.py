@@ -112,6 +112,18 @@ def test_cpu_amp_is_bf16_autocast_only_on_a_cpu_with_bf16_units(demo_cfg, monkey
         assert not torch.is_autocast_enabled("cpu")
 
 
+def test_a_torch_without_the_capability_query_stays_float32(monkeypatch):
+    """Older torch builds have no ``torch.cpu.get_capabilities``: CPU runs then stay float32, no error."""
+    from fers_dist.train import speed
+
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    speed.cpu_has_bf16.cache_clear()
+    try:
+        assert speed.cpu_has_bf16() is False
+    finally:
+        speed.cpu_has_bf16.cache_clear()  # the next call asks the real torch again
+
+
 def test_cpu_bf16_step_computes_in_bf16_and_follows_float32(full_cfg, monkeypatch):
     """Three full-objective steps under ``train.cpu_amp`` (bf16 forced on, so the test runs on any CPU): the
     generator's convolutions run in bf16, and the losses stay within 3% of float32's (measured: 0.04%, 1.1%, 0.5%)."""

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fers_dist.train.speed import cpu_has_bf16
+
 PROCESS_GB = {"cuda": 0.8, "cpu": 0.6}  # CUDA context + library kernels; on CPU, torch's own footprint
 BACKWARD_HEADROOM = 1.25
 PROBE_BATCH = 2
@@ -100,7 +102,8 @@ def _probe(cfg_json: str, E: int, bf16: bool, fake: bool = True) -> tuple[int, i
     from fers_dist.train.trainer import Trainer
 
     cfg = parse_config(json.loads(cfg_json), source="memory probe").with_overrides(
-        {"train.batch_size": PROBE_BATCH, "train.compile": False, "train.device": "cpu"})
+        {"train.batch_size": PROBE_BATCH, "train.compile": False, "train.device": "cpu",
+         "train.cpu_amp": False})  # the probe's own autocast below stands for the target device's
     faces = random_faces(4 * PROBE_BATCH, cfg.data.aligned_size, cfg.model.in_channels, E)
     torch.manual_seed(0)
     t = Trainer(cfg, faces, torch.Generator().manual_seed(0), identity=identity_for_probe(cfg), log=lambda m: None)
@@ -144,10 +147,11 @@ def _probe(cfg_json: str, E: int, bf16: bool, fake: bool = True) -> tuple[int, i
 def estimate_memory(cfg, n_images: int, num_classes: int = 7, device_type: str = "cuda",
                     batch_size: int | None = None, models: int = 1) -> MemoryEstimate:
     """Peak memory of one run of ``cfg`` (at ``batch_size``, default ``train.batch_size``) training on
-    ``n_images`` faces, on ``device_type`` (``cuda``: bf16 activations when ``train.amp``). ``models``:
+    ``n_images`` faces, on ``device_type`` (bf16 activations as the run computes them: ``train.amp`` on CUDA,
+    ``train.cpu_amp`` on a CPU with bf16 units). ``models``:
     models held at once but stepped one at a time (a tuning trial's inner folds in lockstep)."""
     batch = batch_size or cfg.train.batch_size
-    bf16 = device_type == "cuda" and cfg.train.amp
+    bf16 = cfg.train.amp if device_type == "cuda" else device_type == "cpu" and cfg.train.cpu_amp and cpu_has_bf16()
     per_image, trainable, frozen = _probe(probe_key(cfg), num_classes, bf16)
     weights = models * (16 * trainable + 4 * frozen) / 1e9
     activations = per_image * batch * BACKWARD_HEADROOM / 1e9

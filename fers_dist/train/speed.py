@@ -65,7 +65,8 @@ def nhwc(x: torch.Tensor, enabled: bool) -> torch.Tensor:
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AMX or AVX512-BF16), where oneDNN's bf16 convolutions beat
     float32; elsewhere bf16 is emulated and slower, so ``train.cpu_amp`` leaves such CPUs in float32."""
-    caps = torch.cpu.get_capabilities()
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # older torch builds lack it: float32
+    caps = capabilities() if capabilities else {}
     return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
 
 
