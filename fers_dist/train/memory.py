@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from fers_dist.train.speed import cpu_has_bf16
+from fers_dist.train.speed import use_amp
 
 PROCESS_GB = {"cuda": 0.8, "cpu": 0.6}  # CUDA context + library kernels; on CPU, torch's own footprint
 BACKWARD_HEADROOM = 1.25
@@ -151,7 +151,7 @@ def estimate_memory(cfg, n_images: int, num_classes: int = 7, device_type: str =
     ``train.cpu_amp`` on a CPU with bf16 units). ``models``:
     models held at once but stepped one at a time (a tuning trial's inner folds in lockstep)."""
     batch = batch_size or cfg.train.batch_size
-    bf16 = cfg.train.amp if device_type == "cuda" else device_type == "cpu" and cfg.train.cpu_amp and cpu_has_bf16()
+    bf16 = use_amp(cfg, torch.device(device_type))
     per_image, trainable, frozen = _probe(probe_key(cfg), num_classes, bf16)
     weights = models * (16 * trainable + 4 * frozen) / 1e9
     activations = per_image * batch * BACKWARD_HEADROOM / 1e9
