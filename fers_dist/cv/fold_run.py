@@ -10,10 +10,10 @@ Checkpoints live at ``<storage>/<experiment>/checkpoints/<run_key>/`` (``main.pt
 for fes_da), one file each, replaced at every save, so a run keeps a bounded number of objects. With a
 local or NFS path ``fit_fold`` writes there directly. With object storage (s3://, gs://) it writes to a
 local folder, rank 0 uploads each save to the same place in the background (:class:`Uploader`), and a run
-that starts again, on any node, downloads it and resumes; the local folder goes when the run ends. Besides
-every ``train.checkpoint_every`` epochs, a run saves at the end of the epoch in which Ray Train announces a preemption of one of its nodes
-(:func:`preemption_probe`). The checkpoints also carry the config hash, and ``fit_fold`` refuses one made
-under another config.
+that starts again, on any node, downloads it and resumes; the local folder goes when the run ends.
+Besides every ``train.checkpoint_every`` epochs, a run saves at the end of the epoch in which Ray Train
+announces a preemption of one of its nodes (:func:`preemption_probe`). The checkpoints also carry the
+config hash, and ``fit_fold`` refuses one made under another config.
 
 Devices come from what Ray assigned to the run (:func:`choose_device`), never from what the node has.
 """
